@@ -1,0 +1,1 @@
+../sqla_graphile/migrations/script.py.mako
