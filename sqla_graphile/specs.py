@@ -1,0 +1,91 @@
+"""What is added and asked for: ``JobSpec``, ``RawJobSpec``, ``JobKeyMode`` and options."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+__all__ = [
+    "CleanupTask",
+    "JobKeyMode",
+    "JobSpec",
+    "RawJobSpec",
+    "RescheduleJobOptions",
+]
+
+
+class JobKeyMode(str, enum.Enum):
+    """How adding a job whose ``job_key`` already exists behaves.
+
+    See the state table in the documentation: ``REPLACE`` overwrites a waiting job
+    (new ``run_at``), ``PRESERVE_RUN_AT`` keeps the scheduled time of a never-attempted
+    job, ``UNSAFE_DEDUPE`` leaves any existing job as it is (single adds only).
+    """
+
+    REPLACE = "replace"
+    PRESERVE_RUN_AT = "preserve_run_at"
+    UNSAFE_DEDUPE = "unsafe_dedupe"
+
+
+class CleanupTask(str, enum.Enum):
+    """Maintenance tasks of :meth:`WorkerUtils.cleanup`."""
+
+    GC_TASK_IDENTIFIERS = "GC_TASK_IDENTIFIERS"
+    """Delete task identifiers no job refers to (keeping those of known handlers)."""
+    GC_JOB_QUEUES = "GC_JOB_QUEUES"
+    """Delete unlocked queue rows no job refers to."""
+    DELETE_PERMANENTLY_FAILED_JOBS = "DELETE_PERMANENTLY_FAILED_JOBS"
+    """Delete unlocked jobs that have used all their attempts."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Options of one job; every field left ``None`` takes the database's default.
+
+    Defaults (applied by SQL, as in Node): no queue, ``run_at`` = now, 25 attempts,
+    priority 0 (lower runs first), no key, no flags.
+    """
+
+    queue_name: str | None = None
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+    job_key: str | None = None
+    job_key_mode: JobKeyMode | str | None = None
+    priority: int | None = None
+    flags: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_at is not None and self.run_at.tzinfo is None:
+            raise ValueError("JobSpec.run_at must be timezone-aware (e.g. datetime.now(UTC))")
+
+    @property
+    def key_mode(self) -> str | None:
+        """The key mode as the SQL function expects it (``None`` means replace)."""
+        mode = self.job_key_mode
+        return mode.value if isinstance(mode, JobKeyMode) else mode
+
+
+@dataclass(frozen=True)
+class RawJobSpec:
+    """A job for :meth:`WorkerUtils.add_raw_jobs`: identifier, JSON payload and options."""
+
+    identifier: str
+    payload: Any = None
+    spec: JobSpec = field(default_factory=JobSpec)
+
+
+@dataclass(frozen=True)
+class RescheduleJobOptions:
+    """Fields to change with :meth:`WorkerUtils.reschedule_jobs`; ``None`` leaves one alone.
+
+    Without ``run_at`` the jobs become runnable now (the database's clock).
+    ``run_at`` may also be a :class:`~datetime.timedelta` from now.
+    """
+
+    run_at: datetime | timedelta | None = None
+    priority: int | None = None
+    attempts: int | None = None
+    max_attempts: int | None = None

@@ -1,0 +1,205 @@
+"""Typed tasks: ``TaskHandler``, ``BatchTaskHandler``, ``@task``, and the payload codec.
+
+A typed task is a class whose instances are its payloads — a dataclass or a pydantic
+model — with an ``IDENTIFIER`` and a ``run`` method::
+
+    @dataclass
+    class SendEmail(TaskHandler):
+        IDENTIFIER: ClassVar[str] = "send_email"
+        to: str
+
+        def run(self, ctx: WorkerContext) -> None: ...
+
+    utils.add_job(SendEmail(to="a@example.com"))
+
+``run`` may be ``def`` (the worker runs it in a thread) or ``async def`` (on the loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import decimal
+import enum
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from .errors import PayloadNotSerializable
+
+if TYPE_CHECKING:
+    from .context import WorkerContext
+
+__all__ = [
+    "BatchTaskHandler",
+    "FunctionTask",
+    "TaskHandler",
+    "decode_payload",
+    "encode_payload",
+    "task",
+    "to_json_value",
+]
+
+_T = TypeVar("_T")
+_B = TypeVar("_B", bound="BatchTaskHandler")
+
+
+def to_json_value(value: Any) -> Any:
+    """Turn a payload object (dataclass, pydantic model, or JSON value) into JSON data."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):  # pydantic v2
+        return dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    converted = to_json_value(value)
+    if converted is not value:
+        return converted
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode_payload(value: Any) -> str:
+    """Encode a payload as compact JSON text (as Node's ``JSON.stringify`` does).
+
+    ``None`` becomes ``{}``. Values JSON cannot hold (objects without an encoding, NaN,
+    infinities, NUL characters, which PostgreSQL cannot store) raise
+    :class:`~sqla_graphile.errors.PayloadNotSerializable` before anything is written.
+    """
+    if value is None:
+        return "{}"
+    try:
+        text = json.dumps(
+            to_json_value(value),
+            default=_default,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PayloadNotSerializable(f"the payload cannot be encoded as JSON: {exc}") from exc
+    if "\\u0000" in text:
+        raise PayloadNotSerializable("the payload contains a NUL character (\\u0000)")
+    return text
+
+
+def decode_payload(cls: type[_T], data: Any) -> _T:
+    """Build a payload object of ``cls`` from JSON data (dataclass or pydantic model)."""
+    validate = getattr(cls, "model_validate", None)
+    if callable(validate):
+        return validate(data)  # type: ignore[no-any-return]
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} payload must be a JSON object, got {type(data).__name__}")
+    return cls(**data)
+
+
+class TaskHandler:
+    """Base class of typed tasks; an instance is one job's payload.
+
+    Subclasses set ``IDENTIFIER`` and implement ``run(self, ctx)``, sync or async.
+    """
+
+    IDENTIFIER: ClassVar[str]
+
+    def run(self, ctx: WorkerContext) -> Any:
+        """Do the job's work; raising fails the job (it is retried with backoff)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_payload(cls: type[_T], data: Any) -> _T:
+        """Decode a job payload into an instance of this task."""
+        return decode_payload(cls, data)
+
+
+class BatchTaskHandler:
+    """Base class of batch tasks: one job carries a JSON array of items of this class.
+
+    ``run_batch(items, ctx)`` returns ``None`` (all done) or a list with one entry per
+    item, ``None`` for success or an exception for failure; the job is then retried with
+    only the failed items as its payload.
+    """
+
+    IDENTIFIER: ClassVar[str]
+
+    @classmethod
+    def run_batch(cls: type[_B], items: list[_B], ctx: WorkerContext) -> Any:
+        """Process the items; raising fails the whole batch."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_payload(cls: type[_T], data: Any) -> _T:
+        """Decode one item of a batch payload."""
+        return decode_payload(cls, data)
+
+
+TaskFunction = Callable[[Any, "WorkerContext"], "Awaitable[Any] | Any"]
+
+
+class FunctionTask(Generic[_T]):
+    """A plain function ``fn(payload, ctx)`` registered as a task by :func:`task`."""
+
+    def __init__(
+        self,
+        identifier: str,
+        fn: Callable[[_T, WorkerContext], Any],
+        payload_type: type[_T] | None = None,
+    ) -> None:
+        self.IDENTIFIER = identifier
+        self.fn = fn
+        self.payload_type = payload_type
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", identifier)
+
+    def decode(self, data: Any) -> Any:
+        """Decode the payload for the function (typed when ``payload_type`` is given)."""
+        return decode_payload(self.payload_type, data) if self.payload_type else data
+
+    def __call__(self, payload: _T, ctx: WorkerContext) -> Any:
+        """Call the function (the worker does this with the decoded payload)."""
+        return self.fn(payload, ctx)
+
+    def __repr__(self) -> str:
+        return f"<task {self.IDENTIFIER!r} {self.__name__}>"
+
+
+def task(
+    identifier: str, *, payload_type: type[Any] | None = None
+) -> Callable[[Callable[[Any, WorkerContext], Any]], FunctionTask[Any]]:
+    """Register a function ``fn(payload, ctx)`` (sync or async) as the task ``identifier``.
+
+    ``payload_type`` (a dataclass or pydantic model) makes the worker decode the payload
+    into that type; otherwise the function receives the JSON value.
+    """
+    if not isinstance(identifier, str) or not identifier:
+        raise ValueError("a task identifier must be a non-empty string")
+
+    def decorate(fn: Callable[[Any, WorkerContext], Any]) -> FunctionTask[Any]:
+        return FunctionTask(identifier, fn, payload_type)
+
+    return decorate
+
+
+def identifier_of(handler: Any) -> str:
+    """The task identifier of a handler class, instance or :class:`FunctionTask`."""
+    identifier = getattr(handler, "IDENTIFIER", None)
+    if not isinstance(identifier, str) or not identifier:
+        raise TypeError(f"{handler!r} has no IDENTIFIER; typed tasks must define one")
+    return identifier
+
+
+def batch_payload(items: Sequence[Any]) -> list[Any]:
+    """The JSON array stored for a batch job (items encoded one by one)."""
+    return [to_json_value(item) for item in items]

@@ -1,0 +1,364 @@
+"""``WorkerUtils`` and ``AsyncWorkerUtils``: job management inside the caller's transaction.
+
+Bound to an ``Engine`` (or a URL) each call is its own committed transaction; bound to a
+``Connection`` or ORM ``Session`` every call joins the caller's transaction, and the
+library never commits, rolls back or closes it::
+
+    with Session(engine) as session, session.begin():
+        session.add(Order(...))
+        WorkerUtils(session).add_job(SendEmail(to="a@example.com"))
+    # the order and its job commit (or roll back) together
+
+Both twins drive the same operations (:mod:`sqla_graphile._ops`): one piece of SQL and
+logic per operation, two ways of executing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import Result
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from ._ops import NameCache, Op, Operations
+from ._urls import async_engine_from_url, engine_from_url
+from .errors import translate_db_error
+from .hooks import Hooks
+from .job import Job
+from .schema import DEFAULT_SCHEMA, validate_schema_name
+from .specs import CleanupTask, JobSpec, RawJobSpec, RescheduleJobOptions
+from .tasks import TaskHandler, identifier_of
+
+__all__ = ["AsyncWorkerUtils", "WorkerUtils"]
+
+_T = TypeVar("_T")
+SyncBind = Engine | Connection | Session | str
+AsyncBind = AsyncEngine | AsyncConnection | AsyncSession | str
+
+
+def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJobSpec]:
+    return [
+        RawJobSpec(identifier_of(instance), instance, spec or JobSpec()) for instance, spec in jobs
+    ]
+
+
+class _UtilsBase:
+    """What both twins hold: the bind, the schema and the operations."""
+
+    def __init__(
+        self,
+        bind: Any,
+        schema: str,
+        hooks: Hooks | None,
+        savepoint: bool,
+        known_identifiers: Collection[str],
+        names: NameCache | None,
+    ) -> None:
+        self.schema = validate_schema_name(schema)
+        self.hooks = hooks
+        self.savepoint = savepoint
+        self.known_identifiers = frozenset(known_identifiers)
+        self._names = names or NameCache()
+        self.ops = Operations(self.schema, hooks, self._names, self.known_identifiers)
+        self.bind = bind
+
+    def _translate(self, exc: DBAPIError) -> Exception:
+        return translate_db_error(exc, schema=self.schema) or exc
+
+
+class WorkerUtils(_UtilsBase):
+    """Job management on a sync ``Engine``, ``Connection``, ``Session`` or URL.
+
+    ``schema`` names the worker schema (``graphile_worker``); ``hooks`` brings
+    ``before_job_schedule`` interceptors; ``savepoint=True`` wraps each call made inside
+    a caller's transaction in a SAVEPOINT, so a refused job leaves the caller's other
+    writes intact.
+    """
+
+    def __init__(
+        self,
+        bind: SyncBind,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        hooks: Hooks | None = None,
+        savepoint: bool = False,
+        known_identifiers: Collection[str] = (),
+        _names: NameCache | None = None,
+    ) -> None:
+        self._owned_engine: Engine | None = None
+        if isinstance(bind, str):
+            bind = self._owned_engine = engine_from_url(bind)
+        if not isinstance(bind, (Engine, Connection, Session)):
+            raise TypeError(
+                "WorkerUtils needs an Engine, Connection, Session or URL; "
+                f"for {type(bind).__name__} use AsyncWorkerUtils"
+            )
+        super().__init__(bind, schema, hooks, savepoint, known_identifiers, _names)
+
+    # -- binding ------------------------------------------------------------------
+
+    def using(
+        self, bind: Engine | Connection | Session, *, savepoint: bool | None = None
+    ) -> WorkerUtils:
+        """The same utils (schema, hooks, caches) bound to ``bind``, e.g. a request's session."""
+        return WorkerUtils(
+            bind,
+            self.schema,
+            hooks=self.hooks,
+            savepoint=self.savepoint if savepoint is None else savepoint,
+            known_identifiers=self.known_identifiers,
+            _names=self._names,
+        )
+
+    def close(self) -> None:
+        """Dispose of the engine this utils created from a URL (nothing otherwise)."""
+        if self._owned_engine is not None:
+            self._owned_engine.dispose()
+
+    def __enter__(self) -> WorkerUtils:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        bind = self.bind
+        if isinstance(bind, Engine):
+            with bind.begin() as connection:
+                yield connection
+            return
+        connection = bind.connection() if isinstance(bind, Session) else bind
+        nested: AbstractContextManager[Any] = (
+            bind.begin_nested() if self.savepoint else nullcontext()
+        )
+        with nested:
+            yield connection
+
+    def _run(self, op: Op[_T]) -> _T:
+        try:
+            request = next(op)
+        except StopIteration as stop:  # answered without the database
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            with self._connection() as connection:
+                while True:
+                    result: Result[Any] = connection.execute(request[0], dict(request[1]))
+                    try:
+                        request = op.send(result)
+                    except StopIteration as stop:
+                        return stop.value  # type: ignore[no-any-return]
+        except DBAPIError as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    # -- adding jobs --------------------------------------------------------------
+
+    def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
+        """Enqueue a typed task: identifier from its class, payload from the instance."""
+        return self._run(self.ops.add_job(identifier_of(task), task, spec))
+
+    def add_raw_job(self, identifier: str, payload: Any = None, spec: JobSpec | None = None) -> Job:
+        """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``)."""
+        return self._run(self.ops.add_job(identifier, payload, spec))
+
+    def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
+        """Enqueue typed tasks in one statement; ``[]`` without touching the database."""
+        return self._run(self.ops.add_jobs(_typed_jobs(jobs)))
+
+    def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
+        """Enqueue jobs of any identifiers in one statement."""
+        return self._run(self.ops.add_jobs(list(jobs)))
+
+    def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
+        """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's)."""
+        return self._run(self.ops.add_batch_job(items, spec))
+
+    # -- administration -----------------------------------------------------------
+
+    def remove_job(self, job_key: str) -> Job | None:
+        """Delete the waiting job with this key, or stop a running one from retrying."""
+        return self._run(self.ops.remove_job(job_key))
+
+    def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
+        """Delete these jobs unless locked; return the ones deleted."""
+        return self._run(self.ops.complete_jobs(ids))
+
+    def permanently_fail_jobs(self, ids: Iterable[int], reason: str | None = None) -> list[Job]:
+        """Mark these jobs failed for good (``attempts = max_attempts``) unless locked."""
+        return self._run(self.ops.permanently_fail_jobs(ids, reason))
+
+    def reschedule_jobs(
+        self, ids: Iterable[int], options: RescheduleJobOptions | None = None
+    ) -> list[Job]:
+        """Change run time, priority or attempts of these jobs unless locked."""
+        return self._run(self.ops.reschedule_jobs(ids, options or RescheduleJobOptions()))
+
+    def force_unlock_workers(self, worker_ids: Iterable[str]) -> None:
+        """Release every job and queue lock held by these (dead) workers."""
+        self._run(self.ops.force_unlock_workers(worker_ids))
+
+    def cleanup(self, tasks: Iterable[CleanupTask | str] | None = None) -> None:
+        """Run maintenance tasks; by default the two garbage collections."""
+        self._run(self.ops.cleanup(tasks))
+
+    def migrate(self) -> None:
+        """Bring the worker schema up to date (see :func:`sqla_graphile.migrate`)."""
+        from .migrations import migrate
+
+        bind = self.bind
+        migrate(bind.connection() if isinstance(bind, Session) else bind, schema=self.schema)
+
+
+class AsyncWorkerUtils(_UtilsBase):
+    """The asyncio twin of :class:`WorkerUtils`: same methods, same semantics, awaited.
+
+    It binds to an ``AsyncEngine``, ``AsyncConnection``, ``AsyncSession`` or a URL.
+    """
+
+    def __init__(
+        self,
+        bind: AsyncBind,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        hooks: Hooks | None = None,
+        savepoint: bool = False,
+        known_identifiers: Collection[str] = (),
+        _names: NameCache | None = None,
+    ) -> None:
+        self._owned_engine: AsyncEngine | None = None
+        if isinstance(bind, str):
+            bind = self._owned_engine = async_engine_from_url(bind)
+        if not isinstance(bind, (AsyncEngine, AsyncConnection, AsyncSession)):
+            raise TypeError(
+                "AsyncWorkerUtils needs an AsyncEngine, AsyncConnection, AsyncSession or URL; "
+                f"for {type(bind).__name__} use WorkerUtils"
+            )
+        super().__init__(bind, schema, hooks, savepoint, known_identifiers, _names)
+
+    def using(
+        self, bind: AsyncEngine | AsyncConnection | AsyncSession, *, savepoint: bool | None = None
+    ) -> AsyncWorkerUtils:
+        """The same utils (schema, hooks, caches) bound to ``bind``."""
+        return AsyncWorkerUtils(
+            bind,
+            self.schema,
+            hooks=self.hooks,
+            savepoint=self.savepoint if savepoint is None else savepoint,
+            known_identifiers=self.known_identifiers,
+            _names=self._names,
+        )
+
+    async def close(self) -> None:
+        """Dispose of the engine this utils created from a URL (nothing otherwise)."""
+        if self._owned_engine is not None:
+            await self._owned_engine.dispose()
+
+    async def __aenter__(self) -> AsyncWorkerUtils:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+        bind = self.bind
+        if isinstance(bind, AsyncEngine):
+            async with bind.begin() as connection:
+                yield connection
+            return
+        connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
+        if self.savepoint:
+            async with bind.begin_nested():
+                yield connection
+        else:
+            yield connection
+
+    async def _run(self, op: Op[_T]) -> _T:
+        try:
+            request = next(op)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            async with self._connection() as connection:
+                while True:
+                    result: Result[Any] = await connection.execute(request[0], dict(request[1]))
+                    try:
+                        request = op.send(result)
+                    except StopIteration as stop:
+                        return stop.value  # type: ignore[no-any-return]
+        except DBAPIError as exc:
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
+        """See :meth:`WorkerUtils.add_job`."""
+        return await self._run(self.ops.add_job(identifier_of(task), task, spec))
+
+    async def add_raw_job(
+        self, identifier: str, payload: Any = None, spec: JobSpec | None = None
+    ) -> Job:
+        """See :meth:`WorkerUtils.add_raw_job`."""
+        return await self._run(self.ops.add_job(identifier, payload, spec))
+
+    async def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
+        """See :meth:`WorkerUtils.add_jobs`."""
+        return await self._run(self.ops.add_jobs(_typed_jobs(jobs)))
+
+    async def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
+        """See :meth:`WorkerUtils.add_raw_jobs`."""
+        return await self._run(self.ops.add_jobs(list(jobs)))
+
+    async def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
+        """See :meth:`WorkerUtils.add_batch_job`."""
+        return await self._run(self.ops.add_batch_job(items, spec))
+
+    async def remove_job(self, job_key: str) -> Job | None:
+        """See :meth:`WorkerUtils.remove_job`."""
+        return await self._run(self.ops.remove_job(job_key))
+
+    async def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
+        """See :meth:`WorkerUtils.complete_jobs`."""
+        return await self._run(self.ops.complete_jobs(ids))
+
+    async def permanently_fail_jobs(
+        self, ids: Iterable[int], reason: str | None = None
+    ) -> list[Job]:
+        """See :meth:`WorkerUtils.permanently_fail_jobs`."""
+        return await self._run(self.ops.permanently_fail_jobs(ids, reason))
+
+    async def reschedule_jobs(
+        self, ids: Iterable[int], options: RescheduleJobOptions | None = None
+    ) -> list[Job]:
+        """See :meth:`WorkerUtils.reschedule_jobs`."""
+        return await self._run(self.ops.reschedule_jobs(ids, options or RescheduleJobOptions()))
+
+    async def force_unlock_workers(self, worker_ids: Iterable[str]) -> None:
+        """See :meth:`WorkerUtils.force_unlock_workers`."""
+        await self._run(self.ops.force_unlock_workers(worker_ids))
+
+    async def cleanup(self, tasks: Iterable[CleanupTask | str] | None = None) -> None:
+        """See :meth:`WorkerUtils.cleanup`."""
+        await self._run(self.ops.cleanup(tasks))
+
+    async def migrate(self) -> None:
+        """See :meth:`WorkerUtils.migrate`."""
+        from .migrations import migrate
+
+        bind = self.bind
+        schema = self.schema
+        if isinstance(bind, AsyncEngine):
+            async with bind.connect() as connection:
+                await connection.run_sync(lambda sync: migrate(sync, schema=schema))
+            return
+        connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
+        await connection.run_sync(lambda sync: migrate(sync, schema=schema))
