@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
@@ -30,11 +31,21 @@ from ._urls import async_engine_from_url, engine_from_url
 from .errors import translate_db_error
 from .hooks import Hooks
 from .job import Job
+from .recovery import (
+    ActiveWorker,
+    SweepResult,
+    SweepStaleWorkersOptions,
+    WorkerRecoveryConfig,
+    list_active_workers_op,
+    sweep_op,
+)
 from .schema import DEFAULT_SCHEMA, validate_schema_name
 from .specs import CleanupTask, JobSpec, RawJobSpec, RescheduleJobOptions
 from .tasks import TaskHandler, identifier_of
 
 __all__ = ["AsyncWorkerUtils", "WorkerUtils"]
+
+_DEFAULT_THRESHOLD = WorkerRecoveryConfig().sweep_threshold
 
 _T = TypeVar("_T")
 SyncBind = Engine | Connection | Session | str
@@ -209,6 +220,20 @@ class WorkerUtils(_UtilsBase):
         """Run maintenance tasks; by default the two garbage collections."""
         self._run(self.ops.cleanup(tasks))
 
+    def list_active_workers(self, threshold: timedelta = _DEFAULT_THRESHOLD) -> list[ActiveWorker]:
+        """The registered workers; ``is_stale`` when their heartbeat is older than ``threshold``."""
+        return self._run(list_active_workers_op(self.schema, threshold))
+
+    def sweep_stale_workers(self, options: SweepStaleWorkersOptions | None = None) -> SweepResult:
+        """Recover the jobs of dead workers, with default recovery settings."""
+        return self.sweep_stale_workers_with_config(WorkerRecoveryConfig(), options)
+
+    def sweep_stale_workers_with_config(
+        self, config: WorkerRecoveryConfig, options: SweepStaleWorkersOptions | None = None
+    ) -> SweepResult:
+        """Recover the jobs of dead workers, taking unset options from ``config``."""
+        return self._run(sweep_op(self.schema, config, options or SweepStaleWorkersOptions()))
+
     def migrate(self) -> None:
         """Bring the worker schema up to date (see :func:`sqla_graphile.migrate`)."""
         from .migrations import migrate
@@ -349,6 +374,24 @@ class AsyncWorkerUtils(_UtilsBase):
     async def cleanup(self, tasks: Iterable[CleanupTask | str] | None = None) -> None:
         """See :meth:`WorkerUtils.cleanup`."""
         await self._run(self.ops.cleanup(tasks))
+
+    async def list_active_workers(
+        self, threshold: timedelta = _DEFAULT_THRESHOLD
+    ) -> list[ActiveWorker]:
+        """See :meth:`WorkerUtils.list_active_workers`."""
+        return await self._run(list_active_workers_op(self.schema, threshold))
+
+    async def sweep_stale_workers(
+        self, options: SweepStaleWorkersOptions | None = None
+    ) -> SweepResult:
+        """See :meth:`WorkerUtils.sweep_stale_workers`."""
+        return await self.sweep_stale_workers_with_config(WorkerRecoveryConfig(), options)
+
+    async def sweep_stale_workers_with_config(
+        self, config: WorkerRecoveryConfig, options: SweepStaleWorkersOptions | None = None
+    ) -> SweepResult:
+        """See :meth:`WorkerUtils.sweep_stale_workers_with_config`."""
+        return await self._run(sweep_op(self.schema, config, options or SweepStaleWorkersOptions()))
 
     async def migrate(self) -> None:
         """See :meth:`WorkerUtils.migrate`."""
