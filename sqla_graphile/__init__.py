@@ -19,6 +19,7 @@ from .errors import (
 from .hooks import BeforeJobScheduleContext, Continue, Fail, Hooks, Skip
 from .job import Job
 from .migrations import migrate
+from .recovery import ActiveWorker, SweepResult, SweepStaleWorkersOptions, WorkerRecoveryConfig
 from .schema import DEFAULT_SCHEMA, WorkerSchema, worker_schema
 from .specs import CleanupTask, JobKeyMode, JobSpec, RawJobSpec, RescheduleJobOptions
 from .tasks import BatchTaskHandler, FunctionTask, TaskHandler, task
@@ -26,6 +27,7 @@ from .utils import AsyncWorkerUtils, WorkerUtils
 
 __all__ = [
     "DEFAULT_SCHEMA",
+    "ActiveWorker",
     "AsyncWorkerUtils",
     "BatchTaskHandler",
     "BeforeJobScheduleContext",
@@ -51,8 +53,11 @@ __all__ = [
     "RescheduleJobOptions",
     "SchemaNotMigrated",
     "Skip",
+    "SweepResult",
+    "SweepStaleWorkersOptions",
     "TaskHandler",
     "WorkerContext",
+    "WorkerRecoveryConfig",
     "WorkerSchema",
     "WorkerUtils",
     "__version__",
