@@ -26,6 +26,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from ._admin import (
+    JobState,
+    LockHolder,
+    WorkerStats,
+    get_job_op,
+    list_jobs_op,
+    lock_holders_op,
+    stats_op,
+)
 from ._ops import NameCache, Op, Operations
 from ._urls import async_engine_from_url, engine_from_url
 from .errors import translate_db_error
@@ -220,6 +229,39 @@ class WorkerUtils(_UtilsBase):
         """Run maintenance tasks; by default the two garbage collections."""
         self._run(self.ops.cleanup(tasks))
 
+    def list_jobs(
+        self,
+        state: JobState | str = JobState.ALL,
+        *,
+        task_identifier: str | None = None,
+        queue_name: str | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        """Jobs in ``state`` (ready, scheduled, locked, failed, all), with payloads."""
+        return self._run(
+            list_jobs_op(
+                self.schema,
+                state=state,
+                task_identifier=task_identifier,
+                queue_name=queue_name,
+                limit=limit,
+                offset=offset,
+            )
+        )
+
+    def get_job(self, job_id: int) -> Job | None:
+        """One job by id, or ``None``."""
+        return self._run(get_job_op(self.schema, job_id))
+
+    def lock_holders(self) -> list[LockHolder]:
+        """Every worker id holding job or queue locks, and whether it heartbeats."""
+        return self._run(lock_holders_op(self.schema))
+
+    def stats(self) -> WorkerStats:
+        """Job counts by state and per queue, and the oldest ready job's age."""
+        return self._run(stats_op(self.schema))
+
     def list_active_workers(self, threshold: timedelta = _DEFAULT_THRESHOLD) -> list[ActiveWorker]:
         """The registered workers; ``is_stale`` when their heartbeat is older than ``threshold``."""
         return self._run(list_active_workers_op(self.schema, threshold))
@@ -374,6 +416,39 @@ class AsyncWorkerUtils(_UtilsBase):
     async def cleanup(self, tasks: Iterable[CleanupTask | str] | None = None) -> None:
         """See :meth:`WorkerUtils.cleanup`."""
         await self._run(self.ops.cleanup(tasks))
+
+    async def list_jobs(
+        self,
+        state: JobState | str = JobState.ALL,
+        *,
+        task_identifier: str | None = None,
+        queue_name: str | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        """See :meth:`WorkerUtils.list_jobs`."""
+        return await self._run(
+            list_jobs_op(
+                self.schema,
+                state=state,
+                task_identifier=task_identifier,
+                queue_name=queue_name,
+                limit=limit,
+                offset=offset,
+            )
+        )
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """See :meth:`WorkerUtils.get_job`."""
+        return await self._run(get_job_op(self.schema, job_id))
+
+    async def lock_holders(self) -> list[LockHolder]:
+        """See :meth:`WorkerUtils.lock_holders`."""
+        return await self._run(lock_holders_op(self.schema))
+
+    async def stats(self) -> WorkerStats:
+        """See :meth:`WorkerUtils.stats`."""
+        return await self._run(stats_op(self.schema))
 
     async def list_active_workers(
         self, threshold: timedelta = _DEFAULT_THRESHOLD
