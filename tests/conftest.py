@@ -97,11 +97,42 @@ def schema(engine: Engine, schema_name: str) -> str:
 
 @pytest.fixture(scope="session")
 def node_dir() -> Path:
-    """The npm fixture holding graphile-worker@0.18.0; skips when it cannot be had."""
-    import shutil
+    """The npm fixture holding graphile-worker@0.18.0, installed from its lockfile if missing.
 
-    if shutil.which("node") is None or shutil.which("npm") is None:
+    Skips only when Node.js or npm is absent.
+    """
+    import shutil
+    import subprocess
+
+    npm = shutil.which("npm")
+    if shutil.which("node") is None or npm is None:
         pytest.skip("Node.js/npm is not installed; the Node interop tests need it")
     if not (NODE_DIR / "node_modules" / "graphile-worker").is_dir():
-        pytest.skip("run `npm ci --prefix tests/node` (or `nox -s node`) for the Node fixture")
+        # npm is here, so the pinned fixture can be installed from its lockfile.
+        result = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(NODE_DIR)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.fail(f"`npm ci --prefix tests/node` failed:\n{result.stderr[-2000:]}")
     return NODE_DIR
+
+
+@pytest.fixture
+def login_role(engine: Engine, database_url: str) -> Iterator[tuple[str, str]]:
+    """A unique ``LOGIN`` role without special rights, and a URL connecting as it.
+
+    The role's privileges in the test database are dropped with it afterwards.
+    """
+    name = f"gw_role_{secrets.token_hex(4)}"
+    with engine.begin() as connection:
+        connection.execute(text(f'create role "{name}" login'))
+    url = make_url(database_url).set(username=name, password=None)
+    try:
+        yield name, url.render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'drop owned by "{name}"'))
+            connection.execute(text(f'drop role "{name}"'))

@@ -219,6 +219,8 @@ def alembic_config(schema: str = DEFAULT_SCHEMA) -> Any:
     from alembic.config import Config
 
     config = Config()
+    # Space-separated: the "package:path" locations hold a colon, the "os" separator here.
+    config.set_main_option("path_separator", "space")
     config.set_main_option("script_location", SCRIPT_LOCATION)
     config.set_main_option("version_locations", VERSION_LOCATION)
     config.attributes[_SCHEMA_OPTION] = validate_schema_name(schema)

@@ -10,7 +10,7 @@ from sqlalchemy.schema import CreateSchema
 
 from .._urls import engine_from_url
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
-from . import _SCHEMA_OPTION, VERSION_TABLE, include_name
+from . import _SCHEMA_OPTION, VERSION_TABLE, check_database, include_name
 
 #: Prefix of the advisory-lock key that serialises concurrent migrators of one schema.
 LOCK_NAMESPACE = "sqla_graphile.migrate:"
@@ -58,6 +58,9 @@ def _run_online(connection: Connection, schema: str) -> None:
     context.configure(connection=connection, **_options(schema))
     with context.begin_transaction():
         lock_and_prepare(connection, schema)
+        # Checked on every run, not only by the baseline revision: a schema this library
+        # already stamped may since have been migrated further by a newer Node.
+        check_database(connection, schema)
         context.run_migrations()
 
 
@@ -73,8 +76,13 @@ def run_standalone() -> None:
     config = context.config
     if context.is_offline_mode():
         url = config.get_main_option("sqlalchemy.url") or "postgresql://"
-        context.configure(url=url, literal_binds=True, **_options(schema))
+        # A "named" paramstyle leaves "%" signs alone in the emitted script.
+        context.configure(
+            url=url, literal_binds=True, dialect_opts={"paramstyle": "named"}, **_options(schema)
+        )
         with context.begin_transaction():
+            # The script must create the schema before the version table inside it.
+            context.execute(CreateSchema(schema, if_not_exists=True))
             context.run_migrations()
         return
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from alembic import context, op
 from sqlalchemy import exists, insert, select, text
+from sqlalchemy.schema import CreateSchema, DropSchema
 
 from sqla_graphile.errors import MigrationError
 from sqla_graphile.migrations import (
@@ -173,9 +174,11 @@ begin
      and j.is_available is not true;
 
   -- Delivered at commit; "r" keeps identical notifications of one transaction distinct.
+  -- An empty or NULL array has no length: the payload is then empty, as with Node's
+  -- function (listeners read a payload that is not JSON as one new job).
   perform pg_notify(
     'jobs:insert',
-    '{"r":' || random()::text || ',"count":' || coalesce(array_length(specs, 1), 0)::text || '}'
+    coalesce('{"r":' || random()::text || ',"count":' || array_length(specs, 1)::text || '}', '')
   );
 
   return query
@@ -402,11 +405,21 @@ DROP = [
 ]
 
 
+def _dollar_tag(quoted: str) -> str:
+    """A dollar-quote tag for function bodies that the schema name cannot close early."""
+    tag = "$body$"
+    while tag in quoted:
+        tag = tag[:-1] + "_$"
+    return tag
+
+
 def _run(statements: Sequence[str], schema: str) -> None:
     quoted = quote_schema(schema)
+    tag = _dollar_tag(quoted)
     for statement in statements:
         # Colons are escaped so that text() sees no bind parameters in the SQL bodies.
-        op.execute(text(statement.replace("@S", quoted).replace(":", "\\:")))
+        sql = statement.replace("$body$", tag).replace("@S", quoted)
+        op.execute(text(sql.replace(":", "\\:")))
 
 
 def _record(numbers: Sequence[int]) -> None:
@@ -419,7 +432,25 @@ def _record(numbers: Sequence[int]) -> None:
             notify_migration(op.get_bind(), number)
 
 
+def _ensure_schema(schema: str) -> None:
+    """Create the schema when it is missing (in an application's history no env does).
+
+    Online, an existing schema is left alone without a CREATE: PostgreSQL checks the
+    right to create schemas even for ``IF NOT EXISTS``, and a restricted role may migrate
+    a schema that was created for it.
+    """
+    if context.is_offline_mode():
+        op.execute(CreateSchema(schema, if_not_exists=True))
+        return
+    found = op.get_bind().scalar(
+        text("select exists (select 1 from pg_namespace where nspname = :s)"), {"s": schema}
+    )
+    if not found:
+        op.execute(CreateSchema(schema))
+
+
 def _install(schema: str) -> None:
+    _ensure_schema(schema)
     _run([LEDGER], schema)
     _record(range(1, HIGHEST_KNOWN_MIGRATION + 1))
     _run([*TABLES, ADD_JOBS, ADD_JOB, *OTHER_FUNCTIONS], schema)
@@ -461,4 +492,4 @@ def downgrade() -> None:
         {"s": schema},
     )
     if leftovers == 0:
-        op.execute(f"drop schema {quote_schema(schema)}")
+        op.execute(DropSchema(schema))

@@ -1,0 +1,524 @@
+"""The worker-schema migrations: Graphile's ledger, notifications, concurrency, adoption.
+
+Everything runs against a real PostgreSQL. Databases "migrated by Node" are built by
+applying Node graphile-worker 0.18's own migration files from the npm fixture, the way
+Node applies them, at test time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from sqla_graphile import DatabaseNewerThanLibrary, migrate
+from sqla_graphile.errors import LedgerTooOld
+from sqla_graphile.migrations import NewerDatabaseWarning, alembic_config
+
+BREAKING = {1, 3, 11, 13, 14, 16, 19}
+EXPECTED_LEDGER = [(n, n in BREAKING) for n in range(1, 21)]
+MIGRATE_CHANNEL = "worker:migrate"
+
+
+def node_quote(name: str) -> str:
+    """Quote an identifier the way node-postgres' ``escapeIdentifier`` does (always)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def migrate_payload(number: int) -> str:
+    return json.dumps({"migrationNumber": number, "breaking": number in BREAKING}).replace(" ", "")
+
+
+def apply_node_migrations(database_url: str, schema: str, sql_dir: Path, upto: int) -> None:
+    """Apply Node's ``sql/000001.sql`` … ``upto`` to ``schema`` as Node's migrator does.
+
+    Bootstrap first (schema and ledger table), then one transaction per file: ledger row
+    first, then the file's text with the schema placeholder replaced, then the
+    ``worker:migrate`` notification.
+    """
+    quoted = node_quote(schema)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            f"create schema if not exists {quoted};"
+            f" create table if not exists {quoted}.migrations("
+            " id int primary key, ts timestamptz default now() not null);"
+            f" alter table {quoted}.migrations"
+            " add column if not exists breaking boolean not null default false;"
+        )
+        for number in range(1, upto + 1):
+            source = (sql_dir / f"{number:06d}.sql").read_text()
+            breaking = source.startswith("--! breaking")
+            body = re.sub(r":GRAPHILE_WORKER_SCHEMA\b", lambda _: quoted, source)
+            with conn.transaction():
+                conn.execute(
+                    f"insert into {quoted}.migrations (id, breaking) values (%s, %s)",
+                    (number, breaking),
+                )
+                conn.execute(body.encode())
+                payload = json.dumps(
+                    {"migrationNumber": number, "breaking": breaking}, separators=(",", ":")
+                )
+                conn.execute("select pg_notify(%s, %s)", (MIGRATE_CHANNEL, payload))
+
+
+@pytest.fixture
+def node_sql(node_dir: Path) -> Path:
+    return node_dir / "node_modules" / "graphile-worker" / "sql"
+
+
+class Listener:
+    """A separate connection listening on ``worker:migrate``."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def received(self) -> list[str]:
+        """Every payload delivered so far (committed before this call), in order.
+
+        A sentinel notification is sent after everything of interest has committed;
+        notifications are delivered in commit order, so reading up to the sentinel
+        reads everything before it.
+        """
+        sentinel = f"sentinel-{secrets.token_hex(4)}"
+        self.conn.execute("select pg_notify(%s, %s)", (MIGRATE_CHANNEL, sentinel))
+        payloads: list[str] = []
+        for notify in self.conn.notifies(timeout=30):
+            if notify.payload == sentinel:
+                return payloads
+            payloads.append(notify.payload)
+        raise AssertionError(f"the sentinel notification never came; got {payloads}")
+
+
+@pytest.fixture
+def listener(database_url: str) -> Iterator[Listener]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"listen {node_quote(MIGRATE_CHANNEL)}")
+        yield Listener(conn)
+
+
+def ledger(engine: Engine, schema: str) -> list[tuple[int, bool]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(f"select id, breaking from {node_quote(schema)}.migrations order by id")
+        )
+        return [(row.id, row.breaking) for row in rows]
+
+
+def ledger_with_ts(engine: Engine, schema: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select id, breaking, ts, xmin::text"
+                f" from {node_quote(schema)}.migrations order by id"
+            )
+        )
+        return [tuple(row) for row in rows]
+
+
+# Our own objects in the worker schema (Alembic's version table, the worker registry),
+# which Node neither has nor sees, with their row and array types.
+_ALEMBIC = [
+    "alembic\\_version%",
+    "\\_alembic\\_version%",
+    "\\_sqla\\_graphile%",
+    "\\_\\_sqla\\_graphile%",
+]
+
+# Catalog rows of every worker object, with their oid and xmin: a CREATE OR REPLACE, an
+# ALTER or a drop-and-recreate changes at least one of them. Alembic's own version table
+# (kept in the worker schema by the standalone migrator) is left out.
+_SNAPSHOT_QUERIES = {
+    "classes": """
+        select c.relname, c.relkind, c.oid::int8, c.xmin::text, c.relrowsecurity,
+               c.relforcerowsecurity, c.relacl::text
+          from pg_class c
+         where c.relnamespace = cast(:s as regnamespace)
+           and not (c.relname like any(cast(:a as text[])))
+         order by 1""",
+    "attributes": """
+        select c.relname, a.attnum, a.attname, a.xmin::text, a.attisdropped,
+               format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attidentity,
+               a.attgenerated
+          from pg_attribute a join pg_class c on c.oid = a.attrelid
+         where c.relnamespace = cast(:s as regnamespace)
+           and not (c.relname like any(cast(:a as text[])))
+           and a.attnum > 0
+         order by 1, 2""",
+    "defaults": """
+        select c.relname, d.adnum, d.xmin::text, pg_get_expr(d.adbin, d.adrelid)
+          from pg_attrdef d join pg_class c on c.oid = d.adrelid
+         where c.relnamespace = cast(:s as regnamespace)
+           and not (c.relname like any(cast(:a as text[])))
+         order by 1, 2""",
+    "constraints": """
+        select conname, oid::int8, xmin::text, pg_get_constraintdef(oid)
+          from pg_constraint
+         where connamespace = cast(:s as regnamespace)
+           and not (conname like any(cast(:a as text[])))
+         order by 1""",
+    "indexes": """
+        select c.relname, i.xmin::text, pg_get_indexdef(i.indexrelid)
+          from pg_index i join pg_class c on c.oid = i.indexrelid
+         where c.relnamespace = cast(:s as regnamespace)
+           and not (c.relname like any(cast(:a as text[])))
+         order by 1""",
+    "sequences": """
+        select c.relname, s.xmin::text, s.seqtypid::regtype::text, s.seqstart,
+               s.seqincrement, s.seqmax, s.seqmin, s.seqcache, s.seqcycle
+          from pg_sequence s join pg_class c on c.oid = s.seqrelid
+         where c.relnamespace = cast(:s as regnamespace)
+         order by 1""",
+    "types": """
+        select t.typname, t.oid::int8, t.xmin::text
+          from pg_type t
+         where t.typnamespace = cast(:s as regnamespace)
+           and not (t.typname like any(cast(:a as text[])))
+         order by 1""",
+    "functions": """
+        select p.proname, pg_get_function_identity_arguments(p.oid), p.oid::int8,
+               p.xmin::text, pg_get_functiondef(p.oid)
+          from pg_proc p
+         where p.pronamespace = cast(:s as regnamespace)
+         order by 1, 2""",
+    "triggers": """
+        select t.tgname, t.xmin::text
+          from pg_trigger t join pg_class c on c.oid = t.tgrelid
+         where c.relnamespace = cast(:s as regnamespace)
+         order by 1""",
+    "policies": """
+        select p.polname, p.xmin::text
+          from pg_policy p join pg_class c on c.oid = p.polrelid
+         where c.relnamespace = cast(:s as regnamespace)
+         order by 1""",
+    "rewrite": """
+        select c.relname, r.rulename, r.xmin::text, pg_get_viewdef(c.oid)
+          from pg_rewrite r join pg_class c on c.oid = r.ev_class
+         where c.relnamespace = cast(:s as regnamespace)
+         order by 1, 2""",
+    "namespace": """
+        select n.oid::int8, n.xmin::text, n.nspacl::text
+          from pg_namespace n where n.nspname = :s""",
+}
+
+
+def catalog_snapshot(engine: Engine, schema: str) -> dict[str, list[tuple[Any, ...]]]:
+    with engine.connect() as conn:
+        snapshot = {
+            name: [
+                tuple(row)
+                for row in conn.execute(text(query), {"s": node_quote(schema), "a": _ALEMBIC})
+            ]
+            for name, query in _SNAPSHOT_QUERIES.items()
+        }
+    snapshot["ledger"] = ledger_with_ts(engine, schema)
+    return snapshot
+
+
+def function_defs(engine: Engine, schema: str) -> dict[str, tuple[str, str]]:
+    """``{name: (xmin, definition with the schema name normalised)}``."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select proname, xmin::text, pg_get_functiondef(oid) from pg_proc"
+                " where pronamespace = cast(:s as regnamespace)"
+            ),
+            {"s": node_quote(schema)},
+        )
+        return {
+            row[0]: (row[1], row[2].replace(node_quote(schema), "@S").replace(schema, "@S"))
+            for row in rows
+        }
+
+
+def our_heads() -> list[str]:
+    """The head revisions of the packaged worker migrations."""
+    from alembic.script import ScriptDirectory
+
+    return list(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def assert_functions_work(engine: Engine, schema: str) -> None:
+    q = node_quote(schema)
+    with engine.begin() as conn:
+        job = conn.execute(
+            text(f"select * from {q}.add_job('smoke', '{{\"a\": 1}}', job_key => 'k')")
+        ).one()
+        view = conn.execute(
+            text(f"select task_identifier, key, revision from {q}.jobs where id = :i"),
+            {"i": job.id},
+        ).one()
+        assert tuple(view) == ("smoke", "k", 0)
+        done = conn.execute(
+            text(f"select id from {q}.complete_jobs(array[:i]::bigint[])"), {"i": job.id}
+        )
+        assert [row.id for row in done] == [job.id]
+        assert (
+            conn.scalar(
+                text(f"select count(*) from {q}._private_jobs where id = :i"), {"i": job.id}
+            )
+            == 0
+        )
+
+
+# --- 1. a fresh migration ---------------------------------------------------------------
+
+
+def test_fresh_migrate_records_the_ledger_and_announces_each_migration(
+    engine: Engine, schema_name: str, listener: Listener
+) -> None:
+    migrate(engine, schema=schema_name)
+
+    assert ledger(engine, schema_name) == EXPECTED_LEDGER
+    assert {n for n, breaking in ledger(engine, schema_name) if breaking} == BREAKING
+    assert listener.received() == [migrate_payload(n) for n in range(1, 21)]
+    assert migrate_payload(19) == '{"migrationNumber":19,"breaking":true}'
+    assert migrate_payload(20) == '{"migrationNumber":20,"breaking":false}'
+    assert_functions_work(engine, schema_name)
+
+
+def test_migrate_twice_is_a_noop(engine: Engine, schema_name: str, listener: Listener) -> None:
+    migrate(engine, schema=schema_name)
+    assert len(listener.received()) == 20
+    before = catalog_snapshot(engine, schema_name)
+
+    migrate(engine, schema=schema_name)
+
+    assert listener.received() == []
+    after = catalog_snapshot(engine, schema_name)
+    assert after["ledger"] == before["ledger"]
+    assert after == before
+
+
+def test_migrate_from_a_url(database_url: str, engine: Engine, schema_name: str) -> None:
+    migrate(database_url, schema=schema_name)
+    assert ledger(engine, schema_name) == EXPECTED_LEDGER
+
+
+# --- 2. concurrent migrators -------------------------------------------------------------
+
+_CHILD = """
+import sys
+import psycopg
+from sqla_graphile import migrate
+
+url, schema, key = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with psycopg.connect(url, autocommit=True) as gate:
+    # Blocks until the parent opens the gate, so that all children start together.
+    gate.execute("select pg_advisory_lock_shared(4242, %s)", (key,))
+    gate.execute("select pg_advisory_unlock_shared(4242, %s)", (key,))
+migrate(url, schema=schema)
+"""
+
+
+def test_four_processes_migrating_at_once_leave_one_correct_schema(
+    database_url: str, engine: Engine, schema_name: str, listener: Listener
+) -> None:
+    key = secrets.randbelow(2**31 - 1)
+    with psycopg.connect(database_url, autocommit=True) as gate:
+        gate.execute("select pg_advisory_lock(4242, %s)", (key,))
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", _CHILD, database_url, schema_name, str(key)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            waiting = 0
+            while waiting < 4:
+                waiting = gate.execute(
+                    "select count(*) from pg_locks where locktype = 'advisory'"
+                    " and classid = 4242 and objid = %s and not granted",
+                    (key,),
+                ).fetchone()[0]  # type: ignore[index]
+                if any(child.poll() is not None for child in children):
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert waiting == 4, "the four migrators never all reached the starting gate"
+        finally:
+            gate.execute("select pg_advisory_unlock(4242, %s)", (key,))
+            outputs = [child.communicate(timeout=120) for child in children]
+
+    for child, (_, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err
+    assert ledger(engine, schema_name) == EXPECTED_LEDGER
+    # The work was done once: each migration was announced exactly once.
+    assert listener.received() == [migrate_payload(n) for n in range(1, 21)]
+    with engine.connect() as conn:
+        assert (
+            conn.scalar(text(f"select count(*) from {node_quote(schema_name)}.alembic_version"))
+            == 1
+        )
+    assert_functions_work(engine, schema_name)
+
+
+# --- 3. ledgers this library must not (silently) use --------------------------------------
+
+
+@pytest.fixture(
+    params=[
+        "node",
+        "ours",
+    ]
+)
+def schema_at_20(request: pytest.FixtureRequest, engine: Engine, schema_name: str) -> str:
+    """A schema at ledger 20, migrated by Node's files or by this library."""
+    if request.param == "node":
+        node_dir = request.getfixturevalue("node_dir")
+        database_url = request.getfixturevalue("database_url")
+        apply_node_migrations(
+            database_url, schema_name, node_dir / "node_modules/graphile-worker/sql", 20
+        )
+    else:
+        migrate(engine, schema=schema_name)
+    return schema_name
+
+
+@pytest.mark.node
+def test_breaking_migration_newer_than_the_library_is_refused(
+    engine: Engine, schema_at_20: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"insert into {node_quote(schema_at_20)}.migrations values (21, now(), true)")
+        )
+    before = catalog_snapshot(engine, schema_at_20)
+
+    with pytest.raises(DatabaseNewerThanLibrary) as info:
+        migrate(engine, schema=schema_at_20)
+
+    assert info.value.breaking_id == 21
+    assert "unsafe" in str(info.value) and "upgrade sqla-graphile" in str(info.value)
+    assert catalog_snapshot(engine, schema_at_20) == before
+
+
+@pytest.mark.node
+def test_non_breaking_newer_migration_warns_and_continues(
+    engine: Engine, schema_at_20: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"insert into {node_quote(schema_at_20)}.migrations values (21, now(), false)")
+        )
+    before = ledger(engine, schema_at_20)
+
+    with pytest.warns(NewerDatabaseWarning, match="21"):
+        migrate(engine, schema=schema_at_20)
+
+    assert ledger(engine, schema_at_20) == before == [*EXPECTED_LEDGER, (21, False)]
+    with engine.connect() as conn:
+        stamped = conn.scalars(
+            text(f"select version_num from {node_quote(schema_at_20)}.alembic_version")
+        ).all()
+    assert stamped == our_heads()
+
+
+@pytest.mark.node
+def test_ledger_older_than_18_is_refused_with_instructions(
+    database_url: str, engine: Engine, schema_name: str, node_sql: Path
+) -> None:
+    apply_node_migrations(database_url, schema_name, node_sql, 17)
+    before = catalog_snapshot(engine, schema_name)
+
+    with pytest.raises(LedgerTooOld) as info:
+        migrate(engine, schema=schema_name)
+
+    message = str(info.value)
+    assert "17" in message
+    assert "graphile-worker" in message and "--schema-only" in message
+    assert "migrate again" in message
+    assert catalog_snapshot(engine, schema_name) == before
+    with engine.connect() as conn:
+        assert (
+            conn.scalar(
+                text("select to_regclass(:t)"), {"t": f"{node_quote(schema_name)}.alembic_version"}
+            )
+            is None
+        )
+
+
+# --- 4. adopting a schema Node migrated ---------------------------------------------------
+
+
+@pytest.mark.node
+def test_schema_node_migrated_to_20_is_adopted_without_any_ddl(
+    database_url: str, engine: Engine, schema_name: str, node_sql: Path, listener: Listener
+) -> None:
+    apply_node_migrations(database_url, schema_name, node_sql, 20)
+    assert listener.received() == [migrate_payload(n) for n in range(1, 21)]
+    before = catalog_snapshot(engine, schema_name)
+
+    migrate(engine, schema=schema_name)
+
+    assert catalog_snapshot(engine, schema_name) == before
+    assert ledger(engine, schema_name) == EXPECTED_LEDGER
+    assert listener.received() == []
+    # Adopted: the next run is a no-op too, and Node's functions serve us.
+    migrate(engine, schema=schema_name)
+    assert catalog_snapshot(engine, schema_name) == before
+    assert_functions_work(engine, schema_name)
+
+
+@pytest.mark.node
+@pytest.mark.parametrize("node_ledger", [18, 19])
+def test_schema_node_migrated_to_18_or_19_is_brought_to_20(
+    database_url: str,
+    engine: Engine,
+    schema_name: str,
+    node_sql: Path,
+    listener: Listener,
+    node_ledger: int,
+) -> None:
+    apply_node_migrations(database_url, schema_name, node_sql, node_ledger)
+    assert len(listener.received()) == node_ledger
+    before_functions = function_defs(engine, schema_name)
+    before = catalog_snapshot(engine, schema_name)
+
+    migrate(engine, schema=schema_name)
+
+    assert ledger(engine, schema_name) == EXPECTED_LEDGER
+    after = catalog_snapshot(engine, schema_name)
+    assert after["ledger"][:node_ledger] == before["ledger"]
+    assert listener.received() == [migrate_payload(n) for n in range(node_ledger + 1, 21)]
+
+    # add_job and add_jobs were replaced by migration 20's versions; nothing else moved.
+    after_functions = function_defs(engine, schema_name)
+    assert set(after_functions) == set(before_functions)
+    for name in ("add_job", "add_jobs"):
+        assert after_functions[name] != before_functions[name]
+    for name in set(before_functions) - {"add_job", "add_jobs"}:
+        assert after_functions[name] == before_functions[name]
+    for part in ("classes", "attributes", "constraints", "indexes", "types", "sequences"):
+        assert after[part] == before[part]
+
+    # Migration 20's behaviour: re-adding known task identifiers and queue names no
+    # longer consumes identity values.
+    q = node_quote(schema_name)
+    with engine.begin() as conn:
+        for _ in range(3):
+            conn.execute(text(f"select {q}.add_job('t', queue_name => 'q')"))
+            conn.execute(
+                text(
+                    f"select * from {q}.add_jobs(array[row('t', null, 'q', null, null,"
+                    f" null, null, null)::{q}.job_spec])"
+                )
+            )
+        assert conn.scalar(text(f"select last_value from {q}.tasks_id_seq")) == 1
+        assert conn.scalar(text(f"select last_value from {q}.job_queues_id_seq")) == 1
+        assert conn.scalar(text(f"select count(*) from {q}.jobs")) == 6
+    assert_functions_work(engine, schema_name)
