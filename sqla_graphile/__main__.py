@@ -1,0 +1,5 @@
+"""``python -m sqla_graphile``: the ``graphile-worker`` command line."""
+
+from .cli import main
+
+main(prog_name="graphile-worker")
