@@ -62,11 +62,13 @@ class WorkerFunctions:
 
     def _call(self, name: str, *args: ColumnElement[Any], type_: Any = None) -> Function[Any]:
         # A quoted_name makes SQLAlchemy quote the schema prefix as well, so any schema
-        # name (mixed case, spaces, quotes) reaches SQL as a proper identifier.
+        # name (mixed case, spaces, quotes) reaches SQL as a proper identifier. The
+        # compiler joins prefix and name with %-formatting, which consumes one level of
+        # "%" escaping whatever the driver's paramstyle, hence the doubled "%" here.
         return Function(
             quoted_name(name, quote=True),
             *args,
-            packagenames=(self.schema.name,),
+            packagenames=(self.schema.name.replace("%", "%%"),),
             type_=type_,
         )
 

@@ -35,8 +35,10 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.types import UserDefinedType
 
 from .errors import InvalidSchemaName
@@ -62,7 +64,9 @@ DEFAULT_SCHEMA = "graphile_worker"
 # name would silently point at a different schema, so it is refused instead.
 _MAX_IDENTIFIER_BYTES = 63
 
-_PG_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+# A "named" paramstyle keeps the preparer from doubling "%" signs: quote_schema() returns
+# the identifier exactly as PostgreSQL reads it, and each statement escapes it as needed.
+_PG_DIALECT = postgresql.dialect(paramstyle="named")  # type: ignore[no-untyped-call]
 
 
 def validate_schema_name(name: str) -> str:
@@ -99,6 +103,14 @@ class JobSpecType(UserDefinedType[Any]):
     def get_col_spec(self, **kw: Any) -> str:
         """Render the schema-qualified, quoted type name."""
         return f"{quote_schema(self.schema)}.job_spec"
+
+
+@compiles(JobSpecType)
+def _compile_job_spec(type_: JobSpecType, compiler: Any, **kw: Any) -> str:
+    # Quoted by the compiling dialect's own preparer, so a "%" in the schema name is
+    # escaped for drivers whose paramstyle needs it (psycopg, psycopg2).
+    preparer = compiler.dialect.identifier_preparer
+    return f"{preparer.quote_identifier(validate_schema_name(type_.schema))}.job_spec"
 
 
 @dataclass(frozen=True)
@@ -168,14 +180,14 @@ def worker_schema(name: str = DEFAULT_SCHEMA) -> WorkerSchema:
         private_jobs.c.priority,
         private_jobs.c.run_at,
         postgresql_include=["id", "task_id", "job_queue_id"],
-        postgresql_where=private_jobs.c.is_available.is_(True),
+        postgresql_where=private_jobs.c.is_available == true(),
     )
     Index(
         "jobs_no_queue_index",
         private_jobs.c.priority,
         private_jobs.c.run_at,
         postgresql_include=["id", "task_id"],
-        postgresql_where=private_jobs.c.is_available.is_(True)
+        postgresql_where=(private_jobs.c.is_available == true())
         & private_jobs.c.job_queue_id.is_(None),
     )
 
@@ -216,7 +228,8 @@ def worker_schema(name: str = DEFAULT_SCHEMA) -> WorkerSchema:
     migrations_table = Table(
         "migrations",
         metadata,
-        Column("id", Integer, nullable=False),
+        # Migration numbers, not a serial: no sequence, no default.
+        Column("id", Integer, nullable=False, autoincrement=False),
         Column("ts", _timestamptz(), nullable=False, server_default=now),
         Column("breaking", Boolean, nullable=False, server_default=text("false")),
         PrimaryKeyConstraint("id", name="migrations_pkey"),

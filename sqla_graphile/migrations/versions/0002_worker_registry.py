@@ -47,9 +47,10 @@ create index if not exists _sqla_graphile_workers_heartbeat_idx
 def upgrade() -> None:
     quoted = quote_schema(current_schema())
     for statement in UPGRADE:
-        op.execute(text(statement.replace("@S", quoted)))
+        # Colons are escaped so that text() reads none in the schema name as a parameter.
+        op.execute(text(statement.replace("@S", quoted).replace(":", "\\:")))
 
 
 def downgrade() -> None:
     quoted = quote_schema(current_schema())
-    op.execute(text(f"drop table if exists {quoted}._sqla_graphile_workers"))
+    op.execute(text(f"drop table if exists {quoted}._sqla_graphile_workers".replace(":", "\\:")))
