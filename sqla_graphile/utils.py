@@ -153,12 +153,13 @@ class WorkerUtils(_UtilsBase):
             with bind.begin() as connection:
                 yield connection
             return
-        connection = bind.connection() if isinstance(bind, Session) else bind
         nested: AbstractContextManager[Any] = (
             bind.begin_nested() if self.savepoint else nullcontext()
         )
         with nested:
-            yield connection
+            # A Session emits its SAVEPOINT lazily, on the first connection asked for
+            # inside begin_nested(): the connection must be fetched within it.
+            yield bind.connection() if isinstance(bind, Session) else bind
 
     def _run(self, op: Op[_T]) -> _T:
         try:
@@ -341,12 +342,12 @@ class AsyncWorkerUtils(_UtilsBase):
             async with bind.begin() as connection:
                 yield connection
             return
-        connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
         if self.savepoint:
             async with bind.begin_nested():
-                yield connection
+                # Fetched inside begin_nested(), as for the sync Session: see there.
+                yield await bind.connection() if isinstance(bind, AsyncSession) else bind
         else:
-            yield connection
+            yield await bind.connection() if isinstance(bind, AsyncSession) else bind
 
     async def _run(self, op: Op[_T]) -> _T:
         try:
