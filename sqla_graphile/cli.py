@@ -14,18 +14,20 @@ import json
 import re
 import sys
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ._admin import JobState
 from ._urls import engine_from_url, redact_url
-from .errors import GraphileWorkerError
+from .errors import GraphileWorkerError, sqlstate_of
 from .job import Job
 from .recovery import SweepStaleWorkersOptions, WorkerRecoveryConfig
 from .schema import DEFAULT_SCHEMA, validate_schema_name
@@ -108,6 +110,7 @@ class _State:
     schema: str
     as_json: bool
     verbose: bool
+    _engine: Engine | None = None
     _utils: WorkerUtils | None = None
 
     def url(self) -> str:
@@ -118,20 +121,18 @@ class _State:
     def utils(self) -> WorkerUtils:
         if self._utils is None:
             try:
-                engine = engine_from_url(self.url())
+                self._engine = engine_from_url(self.url())
             except ArgumentError:
                 raise click.UsageError(
                     f"--database-url is not a database URL: {redact_url(self.url())}"
                 ) from None
-            self._utils = WorkerUtils(engine, self.schema)
+            self._utils = WorkerUtils(self._engine, self.schema)
         return self._utils
 
     def close(self) -> None:
-        if self._utils is not None and isinstance(self._utils.bind, object):
-            bind = self._utils.bind
-            dispose = getattr(bind, "dispose", None)
-            if callable(dispose):
-                dispose()
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = self._utils = None
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -192,7 +193,18 @@ def _job_state(job: Job) -> str:
 
 def _jobs_table(jobs: Sequence[Job]) -> str:
     return table(
-        ["ID", "TASK", "QUEUE", "STATE", "PRIORITY", "RUN AT", "ATTEMPTS", "KEY", "LAST ERROR"],
+        [
+            "ID",
+            "TASK",
+            "QUEUE",
+            "STATE",
+            "PRIORITY",
+            "RUN AT",
+            "ATTEMPTS",
+            "KEY",
+            "LOCKED BY",
+            "LAST ERROR",
+        ],
         [
             (
                 j.id,
@@ -203,6 +215,7 @@ def _jobs_table(jobs: Sequence[Job]) -> str:
                 _when(j.run_at),
                 f"{j.attempts}/{j.max_attempts}",
                 j.key,
+                j.locked_by,
                 (j.last_error or "").splitlines()[0][:60] if j.last_error else None,
             )
             for j in jobs
@@ -218,6 +231,7 @@ def _emit(state: _State, data: Any, human: str) -> None:
 
 
 def _fail(state: _State | None, message: str, exc: BaseException | None = None) -> NoReturn:
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     if state is not None and state.database_url:
         message = _redact(message, state.database_url)
     if state is not None and state.verbose and exc is not None:
@@ -228,12 +242,15 @@ def _fail(state: _State | None, message: str, exc: BaseException | None = None) 
 
 
 def _redact(text: str, url: str) -> str:
+    """Hide the URL's password in ``text``, as typed (percent-encoded) and decoded."""
     try:
         password = make_url(url).password
     except Exception:
         return text
     if password:
-        text = text.replace(str(password), "***")
+        secret = str(password)
+        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)}:
+            text = text.replace(form, "***")
     return text
 
 
@@ -242,6 +259,19 @@ def _one_line(exc: BaseException) -> str:
         exc = exc.orig
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def _is_connection_error(exc: OperationalError) -> bool:
+    """Whether the database could not be reached (as opposed to a failed statement).
+
+    Connection failures carry no SQLSTATE, or one of the connection (08), authentication
+    (28) or server-shutdown (57P) classes; a statement timeout or a lock timeout is an
+    operational error too, but of a reachable database.
+    """
+    if exc.connection_invalidated:
+        return True
+    state = sqlstate_of(exc)
+    return state is None or state.startswith(("08", "28", "57P"))
 
 
 class _Group(click.Group):
@@ -256,18 +286,36 @@ class _Group(click.Group):
             _fail(ctx.find_object(_State), str(exc), exc)
         except OperationalError as exc:
             state = ctx.find_object(_State)
+            if not _is_connection_error(exc):
+                _fail(state, f"database error: {_one_line(exc)}", exc)
             where = redact_url(state.database_url) if state and state.database_url else "?"
             _fail(state, f"cannot reach the database at {where}: {_one_line(exc)}", exc)
         except DBAPIError as exc:
             _fail(ctx.find_object(_State), f"database error: {_one_line(exc)}", exc)
+        except Exception as exc:  # anything else is still one line, unless --verbose
+            _fail(ctx.find_object(_State), f"{type(exc).__name__}: {_one_line(exc)}", exc)
         finally:
             state = ctx.find_object(_State)
             if state is not None:
                 state.close()
 
 
+def _json_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    state = ctx.find_object(_State)
+    if value and state is not None:
+        state.as_json = True
+
+
 def _pass_state(fn: _F) -> _F:
-    return click.pass_obj(fn)  # type: ignore[return-value]
+    """Pass the global state, and accept ``--json`` after the command name too."""
+    with_json = click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        callback=_json_after_command,
+        help="Machine-readable JSON output (same as the global --json).",
+    )
+    return with_json(click.pass_obj(fn))  # type: ignore[return-value]
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -282,7 +330,7 @@ def _pass_state(fn: _F) -> _F:
     envvar="GRAPHILE_WORKER_SCHEMA",
     default=DEFAULT_SCHEMA,
     show_default=True,
-    help="Worker schema (default: $GRAPHILE_WORKER_SCHEMA or graphile_worker).",
+    help="Worker schema (also $GRAPHILE_WORKER_SCHEMA).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors; debug logging.")
@@ -339,7 +387,12 @@ def add(
         raise click.UsageError("give --payload or --payload-file, not both")
     if job_key_mode is not None and job_key is None:
         raise click.UsageError("--job-key-mode needs --key")
-    source = payload_file.read_text(encoding="utf-8") if payload_file else payload
+    source = payload
+    if payload_file is not None:
+        try:
+            source = payload_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--payload-file") from None
     try:
         value = json.loads(source) if source is not None else None
     except json.JSONDecodeError as exc:
@@ -401,12 +454,35 @@ def show(state: _State, job_id: int) -> None:
         _fail(state, f"no job with id {job_id}")
     fields = _to_jsonable(job)
     fields["state"] = _job_state(job)
-    width = max(len(k) for k in fields)
-    human = "\n".join(
-        f"{k.ljust(width)}  {json.dumps(v, ensure_ascii=False) if k == 'payload' else v}"
-        for k, v in fields.items()
+    _emit(state, fields, _job_details(job))
+
+
+def _job_details(job: Job) -> str:
+    """``name  value`` lines for one job; the payload last, as indented JSON."""
+    lines: list[tuple[str, Any]] = [
+        ("id", job.id),
+        ("task", job.task_identifier),
+        ("queue", job.queue_name),
+        ("state", _job_state(job)),
+        ("priority", job.priority),
+        ("run at", _when(job.run_at)),
+        ("attempts", f"{job.attempts}/{job.max_attempts}"),
+        ("key", job.key),
+        ("revision", job.revision),
+        ("flags", ", ".join(sorted(job.flags)) if job.flags else None),
+        ("locked by", job.locked_by),
+        ("locked at", _when(job.locked_at)),
+        ("created at", _when(job.created_at)),
+        ("updated at", _when(job.updated_at)),
+        ("last error", job.last_error),
+        ("payload", json.dumps(job.payload, ensure_ascii=False, indent=2)),
+    ]
+    width = max(len(name) for name, _ in lines)
+    indent = "\n" + " " * (width + 2)
+    rendered = [("-" if value is None else str(value)).replace("\n", indent) for _, value in lines]
+    return "\n".join(
+        f"{name.ljust(width)}  {text}" for (name, _), text in zip(lines, rendered, strict=True)
     )
-    _emit(state, fields, human)
 
 
 def _ids_result(state: _State, verb: str, asked: Sequence[int], jobs: list[Job]) -> None:
@@ -496,7 +572,8 @@ def cleanup(state: _State, tasks: tuple[str, ...]) -> None:
         chosen.append(_CLEANUP_NAMES[key])
     run = chosen or [CleanupTask.GC_TASK_IDENTIFIERS, CleanupTask.GC_JOB_QUEUES]
     state.utils().cleanup(run)
-    _emit(state, {"ran": [t.value for t in run]}, f"Ran {', '.join(t.value for t in run)}.")
+    names = [t.value.lower().replace("_", "-") for t in run]
+    _emit(state, {"ran": [t.value for t in run]}, f"Ran {', '.join(names)}.")
 
 
 @main.command("force-unlock")
@@ -542,7 +619,7 @@ def sweep_stale_workers(
             f"from {len(result.worker_ids)} worker(s)"
             + (f": {', '.join(result.worker_ids)}." if result.worker_ids else ".")
         )
-    _emit(state, result, human)
+    _emit(state, {**_to_jsonable(result), "recovered_count": result.recovered_count}, human)
 
 
 @main.command()
@@ -574,14 +651,16 @@ def workers(state: _State, threshold: timedelta) -> None:
     )
     human += "\n\nLock holders:\n" + (
         table(
-            ["WORKER", "JOBS", "QUEUES", "OLDEST LOCK AGE", "HEARTBEATS"],
+            ["WORKER", "JOBS", "QUEUES", "OLDEST LOCK AGE", "HEARTBEAT AGE"],
             [
                 (
                     h.worker_id,
                     h.locked_jobs,
                     h.locked_queues,
                     _age(now - h.oldest_lock_at),
-                    "yes" if h.registered else "no (Node or no recovery: 4-hour rule)",
+                    _age(now - h.last_heartbeat_at)
+                    if h.registered and h.last_heartbeat_at is not None
+                    else "never (unregistered: 4-hour lock expiry applies)",
                 )
                 for h in holders
             ],
