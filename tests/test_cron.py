@@ -1,0 +1,910 @@
+"""Cron: Node graphile-worker's crontab format, matching, and the scheduler.
+
+Every scheduler test runs against a real PostgreSQL; only time is simulated, through the
+scheduler's injectable clock and sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import Engine, Text, cast, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sqla_graphile.cron import (
+    Cron,
+    CronJobScheduledEvent,
+    CronScheduler,
+    CrontabError,
+    CronTickEvent,
+    format_timestamp,
+    load_crontab,
+    parse_crontab,
+    parse_crontab_file,
+    parse_time_phrase,
+)
+from sqla_graphile.hooks import Hooks
+from sqla_graphile.schema import worker_schema
+
+UTC = timezone.utc
+
+
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, micro: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def test_parse_full_line() -> None:
+    (item,) = parse_crontab(
+        "0 4 * * 1 send_digest ?id=digest&fill=4w3d2h1m&max=10&queue=mail:low"
+        "&jobKey=digest-key&jobKeyMode=preserve_run_at&priority=-5 "
+        '{"onboarding": false, "n": [1, 2.5, "x"]}'
+    )
+    assert item.schedule == "0 4 * * 1"
+    assert item.task == "send_digest"
+    assert item.identifier == "digest"
+    assert item.fill == timedelta(weeks=4, days=3, hours=2, minutes=1)
+    assert item.fill == timedelta(minutes=44761)
+    assert item.max_attempts == 10
+    assert item.queue == "mail:low"
+    assert item.job_key == "digest-key"
+    assert item.job_key_mode == "preserve_run_at"
+    assert item.priority == -5
+    assert item.payload == {"onboarding": False, "n": [1, 2.5, "x"]}
+    assert item.timezone is None
+
+
+def test_parse_defaults_comments_blank_lines_and_crlf() -> None:
+    items = parse_crontab(
+        "# a comment\r\n\r\n   \r\n  */5 * * * * task:with/odd-chars_1  \r\n"
+        "   # indented comment\n* * * * * other ?jobKey=k\n"
+    )
+    assert [i.identifier for i in items] == ["task:with/odd-chars_1", "other"]
+    first, second = items
+    assert first.fill == timedelta(0)
+    assert (first.max_attempts, first.queue, first.job_key, first.priority) == (None,) * 4
+    assert first.job_key_mode is None
+    assert first.payload == {}
+    # jobKeyMode defaults to "replace" when a key is given, as in Node.
+    assert second.job_key_mode == "replace"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ('{"a": 1, "b": {"c": [true, null]}}', {"a": 1, "b": {"c": [True, None]}}),
+        ("{a: 1, 'b': 'it\\'s', $c_1: \"\\u00e9\\x41\\n\"}", {"a": 1, "b": "it's", "$c_1": "éA\n"}),
+        ("{a: [1, 2,], b: {c: 3,},}", {"a": [1, 2], "b": {"c": 3}}),
+        ("{/* block */ a: 1, // to the end of the line is not possible on one line\n}", {"a": 1}),
+        (
+            "{h: 0x1F, n: -.5, p: +3, t: 5., e: 1e3}",
+            {"h": 31, "n": -0.5, "p": 3, "t": 5, "e": 1000},
+        ),
+    ],
+)
+def test_parse_payload_json_and_json5(payload: str, expected: dict[str, Any]) -> None:
+    if "\n" in payload:  # a crontab line cannot hold a line break; check the reader alone
+        from sqla_graphile.cron import _loads_json5
+
+        assert _loads_json5(payload) == expected
+        return
+    (item,) = parse_crontab(f"* * * * * t {payload}")
+    assert item.payload == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ("60 * * * * t", "minute", "too large value '60'"),
+        ("* 24 * * * t", "hour", "too large value '24'"),
+        ("* * 0 * * t", "day of month", "too small value '0'"),
+        ("* * 32 * * t", "day of month", "too large value '32'"),
+        ("* * * 13 * t", "month", "too large value '13'"),
+        ("* * * 0 * t", "month", "too small value '0'"),
+        ("* * * * 8 t", "day of week", "too large value '8'"),
+        ("5-5 * * * * t", "minute", "invalid range '5-5'"),
+        ("10-2 * * * * t", "minute", "invalid range '10-2'"),
+        ("*/0 * * * * t", "minute", "invalid step"),
+        ("1-10/2 * * * * t", "minute", "unsupported syntax '1-10/2'"),
+        ("* * * JAN * t", "month", "unsupported syntax 'JAN'"),
+        ("* * * * MON t", "day of week", "unsupported syntax 'MON'"),
+        ("* * * * t", "schedule", "expected five time fields"),
+        ("* * * * * 1task", "task", "invalid command"),
+        ("* * * * * t ?fill=3x", "fill", "invalid time phrase '3x'"),
+        ("* * * * * t ?fill=", "fill", "empty time phrase"),
+        ("* * * * * t ?max=ten", "max", "invalid value 'ten'"),
+        ("* * * * * t ?max=0", "max", "at least 1"),
+        ("* * * * * t ?max=1&max=2", "max", "more than once"),
+        ("* * * * * t ?queue=a%20b", "queue", "invalid value 'a b'"),
+        ("* * * * * t ?id=9lives", "id", "invalid value '9lives'"),
+        ("* * * * * t ?priority=high", "priority", "invalid value 'high'"),
+        ("* * * * * t ?priority=40000", "priority", "priority must be an integer"),
+        ("* * * * * t ?jobKeyMode=unsafe_dedupe", "jobKeyMode", "invalid value"),
+        ("* * * * * t ?jobKey=", "jobKey", "empty"),
+        ("* * * * * t ?colour=red", "options", "unsupported option 'colour'"),
+        ("* * * * * t ?tz=Mars/Olympus", "timezone", "unknown time zone"),
+        ("* * * * * t {a:}", "payload", "invalid JSON5"),
+        ("* * * * * t {a: NaN}", "payload", "NaN cannot be stored"),
+        ("* * * * * t {'a': 1} trailing", "task", "invalid command"),
+        ("* * * * * t [1, 2]", "task", "invalid command"),
+    ],
+)
+def test_parse_errors_name_line_and_field(text: str, field: str, message: str) -> None:
+    with pytest.raises(CrontabError) as caught:
+        parse_crontab(f"# header\n\n* * * * * fine\n{text}\n")
+    error = caught.value
+    assert error.line == 4
+    assert error.field == field
+    assert "line 4" in str(error)
+    assert field in str(error)
+    assert message in str(error)
+
+
+def test_duplicate_identifiers_are_refused() -> None:
+    with pytest.raises(CrontabError, match="duplicate identifier 'a'") as caught:
+        parse_crontab("* * * * * a\n\n0 * * * * b ?id=a\n0 * * * * a ?id=c\n")
+    assert (caught.value.line, caught.value.field) == (3, "id")
+    assert "line 3 of crontab" in str(caught.value)
+    assert "first on line 1" in str(caught.value)
+    # The same task twice is fine with distinct ids.
+    assert len(parse_crontab("* * * * * a\n0 * * * * a ?id=a_hourly\n")) == 2
+    with pytest.raises(CrontabError, match="duplicate cron identifiers: 'x'") as caught:
+        load_crontab([Cron("* * * * *", "x"), Cron("0 * * * *", "y", id="x")])
+    assert caught.value.field == "id"
+
+
+def test_typed_form_equals_text_form() -> None:
+    (parsed,) = parse_crontab(
+        "0 4 * * * send_digest ?id=d&fill=2d&max=3&queue=q&jobKey=k&priority=2 {a: 1}"
+    )
+    typed = Cron(
+        "0 4 * * *",
+        task="send_digest",
+        id="d",
+        fill=timedelta(days=2),
+        max_attempts=3,
+        queue="q",
+        job_key="k",
+        priority=2,
+        payload={"a": 1},
+    )
+    assert typed == parsed
+    assert hash(typed) == hash(parsed)
+    assert Cron("0 4 * * *", "t", fill="2d").fill == timedelta(days=2)
+    assert "send_digest" in repr(typed)
+    with pytest.raises(AttributeError):
+        typed.task = "other"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"schedule": "0 25 * * *"}, "hour"),
+        ({"schedule": "0 4 * *"}, "schedule"),
+        ({"task": ""}, "task"),
+        ({"task": "x" * 129}, "task"),
+        ({"id": ""}, "id"),
+        ({"fill": "1y"}, "fill"),
+        ({"fill": timedelta(seconds=-1)}, "fill"),
+        ({"max_attempts": 0}, "max"),
+        ({"priority": 1 << 20}, "priority"),
+        ({"queue": ""}, "queue"),
+        ({"job_key": "k" * 513}, "jobKey"),
+        ({"job_key_mode": "sometimes"}, "jobKeyMode"),
+        ({"payload": [1, 2]}, "payload"),
+        ({"payload": {"x": float("nan")}}, "payload"),
+        ({"timezone": "Nowhere/Special"}, "timezone"),
+    ],
+)
+def test_typed_form_errors_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    arguments: dict[str, Any] = {"schedule": "0 4 * * *", "task": "t", **kwargs}
+    with pytest.raises(CrontabError) as caught:
+        Cron(arguments.pop("schedule"), arguments.pop("task"), **arguments)
+    assert caught.value.field == field
+    assert caught.value.line is None
+    assert field in str(caught.value)
+
+
+def test_parse_file_and_load_crontab(tmp_path: Path) -> None:
+    path = tmp_path / "crontab"
+    path.write_text("# jobs\n0 4 * * * a\n*/5 * * * * b ?tz=Europe/Paris\n", encoding="utf-8")
+    from_file = parse_crontab_file(path)
+    assert [i.identifier for i in from_file] == ["a", "b"]
+    assert from_file[1].timezone is not None and from_file[1].timezone.key == "Europe/Paris"
+    assert load_crontab(path) == from_file
+    assert load_crontab(path.read_text()) == from_file
+    assert load_crontab(from_file) == from_file
+    assert load_crontab(None) == []
+    assert load_crontab("") == []
+    with pytest.raises(TypeError):
+        load_crontab(["0 4 * * * a"])  # type: ignore[list-item]
+
+
+def test_time_phrases_and_timestamps() -> None:
+    assert parse_time_phrase("30s") == timedelta(seconds=30)
+    assert parse_time_phrase("1h30m") == timedelta(minutes=90)
+    assert parse_time_phrase("1d1d") == timedelta(days=2)
+    for bad in ("", "h", "1", "1h ", "1H", "-1h"):
+        with pytest.raises(ValueError):
+            parse_time_phrase(bad)
+    assert format_timestamp(utc(2026, 11, 28, 14, 41)) == "2026-11-28T14:41:00.000Z"
+    paris = datetime(2026, 7, 1, 9, 5, 7, 123456, tzinfo=ZoneInfo("Europe/Paris"))
+    assert format_timestamp(paris) == "2026-07-01T07:05:07.123Z"
+    with pytest.raises(ValueError):
+        format_timestamp(datetime(2026, 1, 1))
+
+
+# -- matching --------------------------------------------------------------------------
+
+
+def days_matching(schedule: str, year: int, month: int) -> list[int]:
+    item = Cron(schedule, "t")
+    days = []
+    day = utc(year, month, 1)
+    while day.month == month:
+        if item.matches(day):
+            days.append(day.day)
+        day += timedelta(days=1)
+    return days
+
+
+def test_day_of_month_and_day_of_week_rule() -> None:
+    # March 2026: Fridays are 6, 13, 20, 27.
+    assert days_matching("0 0 13 * *", 2026, 3) == [13]
+    assert days_matching("0 0 * * 5", 2026, 3) == [6, 13, 20, 27]
+    # Both restricted: either one matching is enough.
+    assert days_matching("0 0 1,13 * 5", 2026, 3) == [1, 6, 13, 20, 27]
+    # A field listing every value counts as unrestricted, as in Node.
+    assert days_matching("0 0 1-31 * 5", 2026, 3) == [6, 13, 20, 27]
+    assert days_matching("0 0 13 * 0-6", 2026, 3) == [13]
+    assert days_matching("0 0 13 * 0-7", 2026, 3) == [13]
+
+
+def test_weekday_seven_is_sunday() -> None:
+    # March 2026: Sundays are 1, 8, 15, 22, 29; Saturdays 7, 14, 21, 28.
+    assert days_matching("0 0 * * 7", 2026, 3) == [1, 8, 15, 22, 29]
+    assert days_matching("0 0 * * 0", 2026, 3) == [1, 8, 15, 22, 29]
+    assert days_matching("0 0 * * 6-7", 2026, 3) == [1, 7, 8, 14, 15, 21, 22, 28, 29]
+
+
+def test_steps_ranges_and_lists() -> None:
+    every_15 = Cron("*/15 * * * *", "t")
+    assert [m for m in range(60) if every_15.matches(utc(2026, 1, 1, 0, m))] == [0, 15, 30, 45]
+    mixed = Cron("5,10-12,58-59 * * * *", "t")
+    assert [m for m in range(60) if mixed.matches(utc(2026, 1, 1, 0, m))] == [5, 10, 11, 12, 58, 59]
+    # Steps count from the field's lowest value: days 1, 3, 5 …
+    assert days_matching("0 0 */10 * *", 2026, 3) == [1, 11, 21, 31]
+    # Hours, months and minutes together; seconds are ignored.
+    item = Cron("30 9-17/1 * 6 *".replace("/1", ""), "t")
+    assert item.matches(utc(2026, 6, 2, 9, 30, 59))
+    assert not item.matches(utc(2026, 6, 2, 18, 30))
+    assert not item.matches(utc(2026, 7, 2, 9, 30))
+    assert not item.matches(utc(2026, 6, 2, 9, 31))
+    quarterly = Cron("0 0 1 */3 *", "t")
+    assert [m for m in range(1, 13) if quarterly.matches(utc(2026, m, 1))] == [1, 4, 7, 10]
+    with pytest.raises(ValueError, match="aware"):
+        quarterly.matches(datetime(2026, 1, 1))
+
+
+def minutes_matching(item: Cron, start: datetime, hours: int) -> list[datetime]:
+    return [
+        start + timedelta(minutes=m)
+        for m in range(hours * 60)
+        if item.matches(start + timedelta(minutes=m))
+    ]
+
+
+def test_timezone_reads_fields_on_the_wall_clock() -> None:
+    nine = Cron("0 9 * * *", "t", timezone="Europe/Paris")
+    assert nine.matches(utc(2026, 1, 15, 8, 0))  # CET, UTC+1
+    assert not nine.matches(utc(2026, 1, 15, 9, 0))
+    assert nine.matches(utc(2026, 7, 15, 7, 0))  # CEST, UTC+2
+    # Day and weekday are Paris's too: 00:30 in Paris on Monday is Sunday in UTC.
+    monday = Cron("30 0 * * 1", "t", timezone="Europe/Paris")
+    assert monday.matches(utc(2026, 1, 11, 23, 30))  # Sunday 23:30 UTC
+    assert not Cron("30 0 * * 1", "t").matches(utc(2026, 1, 11, 23, 30))
+
+
+def test_timezone_daylight_saving_transitions() -> None:
+    # Paris springs forward on 2026-03-29 at 01:00 UTC (02:00 CET → 03:00 CEST).
+    half_past_two = Cron("30 2 * * *", "t", timezone="Europe/Paris")
+    spring = minutes_matching(half_past_two, utc(2026, 3, 28, 12), 48)
+    # 02:30 did not exist on the 29th: it fires at the first minute after the gap.
+    assert spring == [utc(2026, 3, 29, 1, 0), utc(2026, 3, 30, 0, 30)]
+    hourly = Cron("30 * * * *", "t", timezone="Europe/Paris")
+    spring_hourly = minutes_matching(hourly, utc(2026, 3, 29, 0), 3)
+    assert spring_hourly == [
+        utc(2026, 3, 29, 0, 30),
+        utc(2026, 3, 29, 1, 30),
+        utc(2026, 3, 29, 2, 30),
+    ]
+
+    # Paris falls back on 2026-10-25 at 01:00 UTC (03:00 CEST → 02:00 CET).
+    autumn = minutes_matching(half_past_two, utc(2026, 10, 24, 12), 48)
+    # 02:30 happened twice on the 25th; it fires on the first pass only.
+    assert autumn == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)]
+    # An hourly item follows the wall clock through both passes.
+    autumn_hourly = minutes_matching(hourly, utc(2026, 10, 24, 23), 4)
+    assert autumn_hourly == [
+        utc(2026, 10, 24, 23, 30),
+        utc(2026, 10, 25, 0, 30),
+        utc(2026, 10, 25, 1, 30),
+        utc(2026, 10, 25, 2, 30),
+    ]
+
+
+# -- the scheduler, with simulated time ------------------------------------------------
+
+
+@dataclass
+class FakeTime:
+    """A clock and a sleep for one scheduler: sleeping moves the clock, nothing waits."""
+
+    now: datetime
+    until: datetime
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    slept: list[float] = field(default_factory=list)
+    #: how far one sleep moves the clock, given the requested seconds
+    advance: Callable[[float], float] = lambda seconds: seconds
+
+    def clock(self) -> datetime:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += timedelta(seconds=self.advance(seconds))
+        if self.now >= self.until:  # the simulation ends before this sleep does
+            self.now = self.until
+            self.stop.set()
+        await asyncio.sleep(0)
+
+
+async def run_scheduler(
+    bind: Any,
+    schema: str,
+    crontab: Any,
+    start: datetime,
+    until: datetime,
+    *,
+    hooks: Hooks | None = None,
+    advance: Callable[[float], float] | None = None,
+) -> FakeTime:
+    time = FakeTime(start, until)
+    if advance is not None:
+        time.advance = advance
+    scheduler = CronScheduler(
+        bind, crontab, schema=schema, hooks=hooks, clock=time.clock, sleep=time.sleep
+    )
+    await asyncio.wait_for(scheduler.run(time.stop), timeout=60)
+    return time
+
+
+@dataclass(frozen=True)
+class ScheduledJob:
+    task: str
+    run_at: datetime
+    payload_text: str
+    queue: str | None
+    priority: int
+    max_attempts: int
+    key: str | None
+
+    @property
+    def payload(self) -> Any:
+        return json.loads(self.payload_text)
+
+    @property
+    def backfilled(self) -> bool:
+        return bool(self.payload["_cron"]["backfilled"])
+
+
+def scheduled_jobs(engine: Engine, schema: str) -> list[ScheduledJob]:
+    tables = worker_schema(schema)
+    jobs, private = tables.jobs, tables.private_jobs
+    query = (
+        select(
+            jobs.c.task_identifier,
+            jobs.c.run_at,
+            cast(private.c.payload, Text),
+            jobs.c.queue_name,
+            jobs.c.priority,
+            jobs.c.max_attempts,
+            jobs.c.key,
+        )
+        .join(private, private.c.id == jobs.c.id)
+        .order_by(jobs.c.id)
+    )
+    with engine.connect() as connection:
+        return [ScheduledJob(*row) for row in connection.execute(query)]
+
+
+def run_ats(jobs: list[ScheduledJob], task: str) -> list[datetime]:
+    return [job.run_at for job in jobs if job.task == task]
+
+
+def known_crontabs(engine: Engine, schema: str) -> dict[str, tuple[datetime, datetime | None]]:
+    known = worker_schema(schema).private_known_crontabs
+    with engine.connect() as connection:
+        rows = connection.execute(select(known))
+        return {row.identifier: (row.known_since, row.last_execution) for row in rows}
+
+
+def minutes(start: datetime, end: datetime, step: int = 1) -> list[datetime]:
+    """Every ``step``-th minute from ``start`` to ``end`` inclusive."""
+    out = []
+    while start <= end:
+        out.append(start)
+        start += timedelta(minutes=step)
+    return out
+
+
+async def test_tick_schedules_job_with_exact_payload_and_options(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    hooks = Hooks()
+    ticks: list[CronTickEvent] = []
+    scheduled: list[CronJobScheduledEvent] = []
+    hooks.on("cron_tick")(ticks.append)
+    hooks.on("cron_job_scheduled")(scheduled.append)
+    crontab = (
+        "* * * * * every_minute ?queue=cronq&priority=-3&max=7&jobKey=em&jobKeyMode=replace "
+        "{b: 2, a: 'one'}\n"
+        "41 14 * * * at_1441\n"
+        "42 14 * * * at_1442\n"
+    )
+    await run_scheduler(
+        async_engine,
+        schema,
+        crontab,
+        utc(2026, 11, 28, 14, 40, 30),
+        utc(2026, 11, 28, 14, 41, 0, 500_000),
+        hooks=hooks,
+    )
+    jobs = scheduled_jobs(engine, schema)
+    # The start minute is not scheduled (its boundary has passed); 14:41 is, once.
+    assert [(j.task, j.run_at) for j in jobs] == [
+        ("every_minute", utc(2026, 11, 28, 14, 41)),
+        ("at_1441", utc(2026, 11, 28, 14, 41)),
+    ]
+    every, at = jobs
+    assert every.payload_text == (
+        '{"b":2,"a":"one","_cron":{"ts":"2026-11-28T14:41:00.000Z","backfilled":false}}'
+    )
+    assert (every.queue, every.priority, every.max_attempts, every.key) == ("cronq", -3, 7, "em")
+    assert at.payload_text == '{"_cron":{"ts":"2026-11-28T14:41:00.000Z","backfilled":false}}'
+    assert (at.queue, at.priority, at.max_attempts, at.key) == (None, 0, 25, None)
+    known = known_crontabs(engine, schema)
+    start = utc(2026, 11, 28, 14, 40, 30)
+    assert known == {
+        "every_minute": (start, utc(2026, 11, 28, 14, 41)),
+        "at_1441": (start, utc(2026, 11, 28, 14, 41)),
+        "at_1442": (start, None),
+    }
+    assert ticks == [
+        CronTickEvent(
+            utc(2026, 11, 28, 14, 41),
+            False,
+            ("every_minute", "at_1441"),
+            ("every_minute", "at_1441"),
+        )
+    ]
+    assert [(e.cron.identifier, e.timestamp, e.backfilled) for e in scheduled] == [
+        ("every_minute", utc(2026, 11, 28, 14, 41), False),
+        ("at_1441", utc(2026, 11, 28, 14, 41), False),
+    ]
+    assert all(isinstance(e.job_id, int) for e in scheduled)
+
+
+async def test_late_and_early_wakeups(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    items = [Cron("* * * * *", "late"), Cron("*/2 * * * *", "early")]
+    # The process stalls: one sleep lasts four minutes. Every missed minute is then
+    # scheduled in turn, as live minutes (not backfilled).
+    stalls = iter([240.0])
+    time = await run_scheduler(
+        async_engine,
+        schema,
+        items[:1],
+        utc(2026, 5, 1, 12, 0, 10),
+        utc(2026, 5, 1, 12, 6, 0, 500_000),
+        advance=lambda seconds: next(stalls, seconds),
+    )
+    jobs = scheduled_jobs(engine, schema)
+    assert run_ats(jobs, "late") == minutes(utc(2026, 5, 1, 12, 1), utc(2026, 5, 1, 12, 6))
+    assert not any(j.backfilled for j in jobs)
+    assert time.slept[0] == pytest.approx(50.001)
+
+    # Timers firing early (each sleep lasts half as long as asked) re-arm, never
+    # schedule a minute before it starts, and never twice.
+    time = await run_scheduler(
+        async_engine,
+        schema,
+        items[1:],
+        utc(2026, 5, 2, 12, 0, 10),
+        utc(2026, 5, 2, 12, 4, 0, 500_000),
+        advance=lambda seconds: seconds / 2 if seconds > 1 else seconds,
+    )
+    jobs = scheduled_jobs(engine, schema)
+    assert run_ats(jobs, "early") == [utc(2026, 5, 2, 12, 2), utc(2026, 5, 2, 12, 4)]
+    assert len(time.slept) > 8  # it re-armed many times
+
+
+async def test_start_on_a_minute_boundary_schedules_that_minute(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    await run_scheduler(
+        async_engine,
+        schema,
+        "* * * * * t",
+        utc(2026, 5, 1, 12, 0),
+        utc(2026, 5, 1, 12, 1, 0, 500_000),
+    )
+    assert run_ats(scheduled_jobs(engine, schema), "t") == [
+        utc(2026, 5, 1, 12, 0),
+        utc(2026, 5, 1, 12, 1),
+    ]
+
+
+async def test_timezone_item_jobs_are_stamped_in_utc(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    crontab = [Cron("0 9 * * *", "paris_nine", timezone="Europe/Paris")]
+    await run_scheduler(
+        async_engine, schema, crontab, utc(2026, 7, 1, 6, 59, 30), utc(2026, 7, 1, 7, 0, 30)
+    )
+    (job,) = scheduled_jobs(engine, schema)
+    assert job.run_at == utc(2026, 7, 1, 7, 0)
+    assert job.payload["_cron"] == {"ts": "2026-07-01T07:00:00.000Z", "backfilled": False}
+
+
+async def test_backfill_after_a_five_hour_gap(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    crontab = (
+        "* * * * * every ?fill=6h\n"
+        "*/10 * * * * tens ?fill=6h\n"
+        "0 * * * * hourly ?fill=2h\n"
+        "*/30 * * * * nofill\n"
+    )
+    await run_scheduler(
+        async_engine,
+        schema,
+        crontab,
+        utc(2026, 1, 10, 8, 0, 30),
+        utc(2026, 1, 10, 8, 5, 0, 500_000),
+    )
+    first = scheduled_jobs(engine, schema)
+    assert run_ats(first, "every") == minutes(utc(2026, 1, 10, 8, 1), utc(2026, 1, 10, 8, 5))
+
+    # Five hours later, with an item never seen before.
+    later = crontab + "* * * * * newcomer ?fill=1d\n"
+    restart = utc(2026, 1, 10, 13, 5, 30)
+    await run_scheduler(async_engine, schema, later, restart, utc(2026, 1, 10, 13, 6, 0, 500_000))
+    jobs = scheduled_jobs(engine, schema)
+    by_task = {task: run_ats(jobs, task) for task in ("every", "tens", "hourly", "nofill")}
+
+    # Every minute exactly once: the first run's five, then the gap, then live.
+    assert by_task["every"] == minutes(utc(2026, 1, 10, 8, 1), utc(2026, 1, 10, 13, 6))
+    every = [j for j in jobs if j.task == "every"]
+    assert [j.backfilled for j in every] == [False] * 5 + [True] * 300 + [False]
+    # Not before the item was known (08:00:30), within its 6 hours.
+    assert by_task["tens"] == minutes(utc(2026, 1, 10, 8, 10), utc(2026, 1, 10, 13, 0), 10)
+    # Only the hours within its 2-hour fill (11:00 is 2h05m30s before the restart).
+    assert by_task["hourly"] == [utc(2026, 1, 10, 12, 0), utc(2026, 1, 10, 13, 0)]
+    # No fill, no backfill: nothing between the runs.
+    assert by_task["nofill"] == []
+    # A new identifier is never backfilled; it becomes known at the restart.
+    assert run_ats(jobs, "newcomer") == [utc(2026, 1, 10, 13, 6)]
+    assert known_crontabs(engine, schema)["newcomer"][0] == restart
+    for job in jobs:
+        assert job.payload["_cron"]["ts"] == format_timestamp(job.run_at)
+        if job.backfilled:
+            assert job.run_at < restart
+    assert len({(j.task, j.run_at) for j in jobs}) == len(jobs)
+
+
+async def test_backfill_after_a_25_hour_gap(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    crontab = "0 * * * * hourly ?fill=1d\n15 3 * * * daily ?fill=1d\n*/20 * * * * short ?fill=1h\n"
+    await run_scheduler(
+        async_engine,
+        schema,
+        crontab,
+        utc(2026, 2, 1, 9, 59, 30),
+        utc(2026, 2, 1, 10, 0, 0, 500_000),
+    )
+    assert run_ats(scheduled_jobs(engine, schema), "hourly") == [utc(2026, 2, 1, 10)]
+    # The last job was at 10:00; the next start is 25 hours later.
+    restart = utc(2026, 2, 2, 11, 0, 30)
+    await run_scheduler(async_engine, schema, crontab, restart, utc(2026, 2, 2, 11, 1, 0, 500_000))
+    jobs = scheduled_jobs(engine, schema)
+    hourly = [j for j in jobs if j.task == "hourly"]
+    # 11:00 on the first day is more than a day before the restart: lost for good.
+    expected = [utc(2026, 2, 1, 10), *minutes(utc(2026, 2, 1, 12), utc(2026, 2, 2, 11), 60)]
+    assert [j.run_at for j in hourly] == expected
+    assert [j.backfilled for j in hourly] == [False] + [True] * 24
+    assert [(j.run_at, j.backfilled) for j in jobs if j.task == "daily"] == [
+        (utc(2026, 2, 2, 3, 15), True)
+    ]
+    # A one-hour fill reaches back to 10:01 only.
+    assert [(j.run_at, j.backfilled) for j in jobs if j.task == "short"] == [
+        (utc(2026, 2, 1, 10, 0), False),
+        (utc(2026, 2, 2, 10, 20), True),
+        (utc(2026, 2, 2, 10, 40), True),
+        (utc(2026, 2, 2, 11, 0), True),
+    ]
+    assert known_crontabs(engine, schema)["hourly"][1] == utc(2026, 2, 2, 11)
+
+
+async def test_two_schedulers_schedule_each_minute_once(
+    async_engine: AsyncEngine, engine: Engine, schema: str, database_url: str
+) -> None:
+    crontab = "* * * * * shared ?fill=30m {x: 1}\n*/3 * * * * third ?fill=1h&queue=q\n"
+    # Both processes knew the items an hour ago, so both backfill, concurrently.
+    known = worker_schema(schema).private_known_crontabs
+    with engine.begin() as connection:
+        connection.execute(
+            insert(known),
+            [
+                {"identifier": name, "known_since": utc(2026, 3, 3, 11), "last_execution": None}
+                for name in ("shared", "third")
+            ],
+        )
+    per_process: list[list[tuple[str, datetime]]] = [[], []]
+    runs = []
+    for index, offset in enumerate((0.0, 7.0)):  # their clocks disagree by 7 seconds
+        hooks = Hooks()
+        hooks.on("cron_job_scheduled")(
+            lambda e, sink=per_process[index]: sink.append((e.cron.identifier, e.timestamp))
+        )
+        start = utc(2026, 3, 3, 12, 0, 20) + timedelta(seconds=offset)
+        runs.append(
+            run_scheduler(
+                async_engine if index == 0 else database_url,
+                schema,
+                crontab,
+                start,
+                start + timedelta(minutes=10),
+                hooks=hooks,
+            )
+        )
+    await asyncio.gather(*runs)
+    jobs = scheduled_jobs(engine, schema)
+    assert run_ats(jobs, "shared") == minutes(utc(2026, 3, 3, 11, 31), utc(2026, 3, 3, 12, 10))
+    assert run_ats(jobs, "third") == minutes(utc(2026, 3, 3, 11, 3), utc(2026, 3, 3, 12, 9), 3)
+    first, second = (set(p) for p in per_process)
+    assert not first & second
+    assert first | second == {(j.task, j.run_at) for j in jobs}
+
+
+async def test_errors_restart_with_backoff_and_rerun_backfill(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    failures = iter(range(2))
+
+    @asynccontextmanager
+    async def flaky_connect() -> Any:
+        if next(failures, None) is not None:
+            raise ConnectionError("database unreachable")
+        async with async_engine.connect() as connection:
+            yield connection
+
+    known = worker_schema(schema).private_known_crontabs
+    with engine.begin() as connection:
+        connection.execute(
+            insert(known).values(
+                identifier="t", known_since=utc(2026, 4, 1, 9), last_execution=None
+            )
+        )
+    time = await run_scheduler(
+        flaky_connect,
+        schema,
+        "*/5 * * * * t ?fill=1h",
+        utc(2026, 4, 1, 10, 0, 30),
+        utc(2026, 4, 1, 10, 5, 0, 500_000),
+    )
+    # Two failed starts, two backoffs (200 ms, then 300 ms, each with ±50 % jitter).
+    assert 0.1 <= time.slept[0] <= 0.3
+    assert 0.15 <= time.slept[1] <= 0.45
+    jobs = scheduled_jobs(engine, schema)
+    assert [(j.run_at, j.backfilled) for j in jobs] == [
+        (t, True) for t in minutes(utc(2026, 4, 1, 9, 5), utc(2026, 4, 1, 10, 0), 5)
+    ] + [(utc(2026, 4, 1, 10, 5), False)]
+
+
+async def test_run_returns_when_stop_is_set(async_engine: AsyncEngine, schema: str) -> None:
+    stop = asyncio.Event()
+    scheduler = CronScheduler(async_engine, "0 0 1 1 * yearly", schema=schema)
+    task = asyncio.ensure_future(scheduler.run(stop))
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)
+
+
+# -- Node graphile-worker's own cron on the same crontab --------------------------------
+
+NODE_SCRIPT = r"""
+import { EventEmitter } from "node:events";
+import { pathToFileURL } from "node:url";
+
+// Node's cron reads only the process clock: shift it to the test's simulated time.
+const RealDate = Date;
+let offset = 0;
+class ShiftedDate extends RealDate {
+  constructor(...args) {
+    if (args.length === 0) super(RealDate.now() + offset);
+    else super(...args);
+  }
+  static now() {
+    return RealDate.now() + offset;
+  }
+}
+globalThis.Date = ShiftedDate;
+
+const { run } = await import(pathToFileURL(process.env.GW_INDEX).href);
+const events = new EventEmitter();
+events.on("cron:started", () => console.log("CRON_STARTED " + Date.now()));
+offset = Number(process.env.SIM_START_MS) - RealDate.now();
+const runner = await run({
+  connectionString: process.env.DATABASE_URL,
+  schema: process.env.GW_SCHEMA,
+  crontab: process.env.CRONTAB,
+  taskList: { node_only_noop: async () => {} },
+  concurrency: 1,
+  pollInterval: 60000,
+  noHandleSignals: true,
+  events,
+});
+const stopAt = Number(process.env.SIM_STOP_MS);
+while (Date.now() < stopAt) await new Promise((resolve) => setTimeout(resolve, 50));
+await runner.stop();
+console.log("NODE_DONE");
+"""
+
+
+@pytest.mark.node
+async def test_node_and_python_share_a_crontab(
+    node_dir: Path,
+    database_url: str,
+    async_engine: AsyncEngine,
+    engine: Engine,
+    schema: str,
+    tmp_path: Path,
+) -> None:
+    """Node 0.18's own cron and ours, on one crontab: each minute once between them.
+
+    Python runs first (simulated 09:30:30 to 09:45); Node then starts at a simulated
+    10:00:56 and backfills from where Python stopped; Python starts again beside it once
+    Node's backfill is done, and the two race for the live minute 10:01.
+    """
+    node = shutil.which("node")
+    assert node is not None
+    crontab = (
+        "* * * * * interop_every ?fill=1h {who: 'either'}\n"
+        "*/2 * * * * interop_even ?id=even&fill=30m&queue=cronq\n"
+    )
+    known = worker_schema(schema).private_known_crontabs
+    with engine.begin() as connection:
+        connection.execute(
+            insert(known),
+            [
+                {"identifier": name, "known_since": utc(2026, 6, 1, 8), "last_execution": None}
+                for name in ("interop_every", "even")
+            ],
+        )
+    python_did: set[tuple[str, datetime]] = set()
+    hooks = Hooks()
+    hooks.on("cron_job_scheduled")(lambda e: python_did.add((e.cron.task, e.timestamp)))
+
+    # 1. Python alone, in simulated time.
+    await run_scheduler(
+        async_engine,
+        schema,
+        crontab,
+        utc(2026, 6, 1, 9, 30, 30),
+        utc(2026, 6, 1, 9, 45, 0, 500_000),
+        hooks=hooks,
+    )
+    phase_one = set(python_did)
+
+    # 2. Node, its clock shifted to 4 s before 10:01; it stops at 10:01:03.
+    sim_start = utc(2026, 6, 1, 10, 0, 56)
+    sim_stop = utc(2026, 6, 1, 10, 1, 3)
+    live = utc(2026, 6, 1, 10, 1)
+    script = tmp_path / "cron_interop.mjs"
+    script.write_text(NODE_SCRIPT, encoding="utf-8")
+    env = {
+        **os.environ,
+        "SIM_START_MS": str(int(sim_start.timestamp() * 1000)),
+        "SIM_STOP_MS": str(int(sim_stop.timestamp() * 1000)),
+        "GW_INDEX": str(node_dir / "node_modules" / "graphile-worker" / "dist" / "index.js"),
+        "DATABASE_URL": database_url,
+        "GW_SCHEMA": schema,
+        "CRONTAB": crontab,
+    }
+    process = await asyncio.create_subprocess_exec(
+        node, str(script), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout = process.stdout
+    assert stdout is not None
+    output: list[str] = []
+    try:
+
+        async def node_cron_started() -> datetime:
+            while True:
+                line = await stdout.readline()
+                if not line:
+                    raise AssertionError("Node exited before its cron started")
+                output.append(line.decode())
+                if line.startswith(b"CRON_STARTED "):
+                    return datetime.fromtimestamp(int(line.split()[1]) / 1000, UTC)
+
+        node_now = await asyncio.wait_for(node_cron_started(), timeout=45)
+        assert node_now < live, "Node took over 4 s to start its cron; the test needs less"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def shifted_now() -> datetime:  # Node's simulated clock, read from here
+            return node_now + timedelta(seconds=loop.time() - t0)
+
+        # 3. Python again, beside Node, on Node's simulated clock (real sleeps).
+        stop = asyncio.Event()
+        scheduler = CronScheduler(
+            async_engine, crontab, schema=schema, hooks=hooks, clock=shifted_now
+        )
+        runner = asyncio.ensure_future(scheduler.run(stop))
+        while shifted_now() < sim_stop:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(runner, timeout=30)
+        rest, errors = await asyncio.wait_for(process.communicate(), timeout=45)
+        output.append(rest.decode())
+        assert process.returncode == 0, errors.decode()[-3000:]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "NODE_DONE" in "".join(output)
+
+    jobs = scheduled_jobs(engine, schema)
+    # Each minute once between the two processes.
+    every = sorted(run_ats(jobs, "interop_every"))
+    even = sorted(run_ats(jobs, "interop_even"))
+    assert every == minutes(utc(2026, 6, 1, 8, 31), live)
+    assert even == minutes(utc(2026, 6, 1, 9, 2), utc(2026, 6, 1, 10, 0), 2)
+    assert len({(j.task, j.run_at) for j in jobs}) == len(jobs)
+    python_backfill = utc(2026, 6, 1, 9, 30)
+    python_last = utc(2026, 6, 1, 9, 45)
+    for job in jobs:
+        assert job.payload["_cron"]["ts"] == format_timestamp(job.run_at)
+        backfilled = job.run_at <= python_backfill or python_last < job.run_at < live
+        assert job.backfilled == backfilled, job
+        if job.task == "interop_every":
+            assert job.payload == {"who": "either", "_cron": job.payload["_cron"]}
+        else:
+            assert job.queue == "cronq"
+    # Python did 08:31 to 09:45; Node backfilled from Python's last execution to 10:00
+    # (Python was not running then); 10:01 went to whichever process came first.
+    assert phase_one == {(j.task, j.run_at) for j in jobs if j.run_at <= python_last}
+    assert python_did - phase_one <= {(j.task, j.run_at) for j in jobs if j.run_at == live}
+    rows = known_crontabs(engine, schema)
+    assert rows["interop_every"] == (utc(2026, 6, 1, 8), live)
+    assert rows["even"] == (utc(2026, 6, 1, 8), utc(2026, 6, 1, 10, 0))
