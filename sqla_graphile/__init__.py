@@ -16,7 +16,21 @@ from .errors import (
     PayloadNotSerializable,
     SchemaNotMigrated,
 )
-from .hooks import BeforeJobScheduleContext, Continue, Fail, Hooks, Skip
+from .hooks import (
+    AfterJobRunContext,
+    BeforeJobRunContext,
+    BeforeJobScheduleContext,
+    Continue,
+    Fail,
+    Hooks,
+    JobCompleteEvent,
+    JobEvent,
+    JobFailEvent,
+    JobLockLostEvent,
+    Skip,
+    WorkerStartEvent,
+    WorkerStopEvent,
+)
 from .job import Job
 from .migrations import migrate
 from .recovery import ActiveWorker, SweepResult, SweepStaleWorkersOptions, WorkerRecoveryConfig
@@ -24,12 +38,15 @@ from .schema import DEFAULT_SCHEMA, WorkerSchema, worker_schema
 from .specs import CleanupTask, JobKeyMode, JobSpec, RawJobSpec, RescheduleJobOptions
 from .tasks import BatchTaskHandler, FunctionTask, TaskHandler, task
 from .utils import AsyncWorkerUtils, WorkerUtils
+from .worker import Worker
 
 __all__ = [
     "DEFAULT_SCHEMA",
     "ActiveWorker",
+    "AfterJobRunContext",
     "AsyncWorkerUtils",
     "BatchTaskHandler",
+    "BeforeJobRunContext",
     "BeforeJobScheduleContext",
     "CancellationSignal",
     "CleanupTask",
@@ -42,7 +59,11 @@ __all__ = [
     "InvalidJobKeyMode",
     "InvalidSchemaName",
     "Job",
+    "JobCompleteEvent",
+    "JobEvent",
+    "JobFailEvent",
     "JobKeyMode",
+    "JobLockLostEvent",
     "JobScheduleFailed",
     "JobScheduleSkipped",
     "JobSpec",
@@ -56,9 +77,12 @@ __all__ = [
     "SweepResult",
     "SweepStaleWorkersOptions",
     "TaskHandler",
+    "Worker",
     "WorkerContext",
     "WorkerRecoveryConfig",
     "WorkerSchema",
+    "WorkerStartEvent",
+    "WorkerStopEvent",
     "WorkerUtils",
     "__version__",
     "migrate",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .job import Job
 
 if TYPE_CHECKING:
-    from .utils import WorkerUtils
+    from .utils import AsyncWorkerUtils, WorkerUtils
 
 __all__ = ["CancellationSignal", "WorkerContext"]
 
@@ -75,3 +75,5 @@ class WorkerContext:
     """Job management bound to the worker's engine (each call its own transaction)."""
     cancellation: CancellationSignal
     """Set when the worker asks the job to stop."""
+    async_utils: AsyncWorkerUtils | None = None
+    """Job management on the worker's async engine, for ``async def`` handlers."""

@@ -13,7 +13,26 @@ Register with decorators::
 
 Schedule interceptors run in registration order, each on the payload the previous one
 produced; the first :class:`Skip` or :class:`Fail` stops the chain and nothing is written.
-Returning ``None`` continues with the payload unchanged.
+Returning ``None`` (or ``Continue()``) continues with the payload unchanged.
+
+The worker's job interceptors follow the same pattern::
+
+    @hooks.before_job_run
+    async def gate(ctx: BeforeJobRunContext) -> JobRunDecision:
+        if ctx.job.task_identifier == "paused":
+            return Fail("paused by the operator")   # a normal failure, retried later
+        return None                                 # run the handler
+
+    @hooks.after_job_run
+    def ignore_timeouts(ctx: AfterJobRunContext) -> JobRunDecision:
+        if isinstance(ctx.error, TimeoutError):
+            return Skip()                           # count it as a success
+        return None
+
+``before_job_run``: ``Continue(payload)`` hands the handler another payload, ``Skip()``
+completes the job without running it, ``Fail(message)`` fails it. ``after_job_run``:
+``Skip()`` turns the outcome into a success, ``Fail(message)`` into a failure. Hooks may be
+``def`` or ``async def``; they run on the worker's event loop, so keep ``def`` hooks quick.
 """
 
 from __future__ import annotations
@@ -26,16 +45,27 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import JobScheduleFailed, JobScheduleSkipped
+from .job import Job
 from .specs import JobSpec
 
 __all__ = [
     "EVENTS",
+    "UNCHANGED",
+    "AfterJobRunContext",
+    "BeforeJobRunContext",
     "BeforeJobScheduleContext",
     "Continue",
     "Fail",
     "Hooks",
+    "JobCompleteEvent",
+    "JobEvent",
+    "JobFailEvent",
+    "JobLockLostEvent",
+    "JobRunDecision",
     "ScheduleDecision",
     "Skip",
+    "WorkerStartEvent",
+    "WorkerStopEvent",
 ]
 
 logger = logging.getLogger("sqla_graphile.hooks")
@@ -67,11 +97,22 @@ class BeforeJobScheduleContext:
     spec: JobSpec
 
 
+class _Unchanged:
+    """The type of :data:`UNCHANGED`."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: ``Continue()``'s payload when none is given: keep the payload as it is.
+UNCHANGED: Any = _Unchanged()
+
+
 @dataclass(frozen=True)
 class Continue:
-    """Go on scheduling, with this payload."""
+    """Go on (scheduling, or running the job), with this payload if one is given."""
 
-    payload: Any
+    payload: Any = UNCHANGED
 
 
 @dataclass(frozen=True)
@@ -87,7 +128,107 @@ class Fail:
 
 
 ScheduleDecision = Continue | Skip | Fail | None
+JobRunDecision = Continue | Skip | Fail | None
 ScheduleHook = Callable[[BeforeJobScheduleContext], ScheduleDecision]
+
+
+# -- the worker's events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerStartEvent:
+    """``worker_start``: a worker began (after its database checks, before fetching)."""
+
+    worker_id: str
+    schema: str
+    concurrency: int
+    task_identifiers: frozenset[str]
+
+
+@dataclass(frozen=True)
+class WorkerStopEvent:
+    """``worker_stop``: a worker stopped; every write of its outcomes is done.
+
+    ``reason`` is ``"finished"`` (run once), ``"graceful"``, ``"forced"``, ``"migrate"``
+    (a breaking migration was announced) or ``"error"`` (then ``error`` is set).
+    """
+
+    worker_id: str
+    reason: str
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """``job_fetch`` and ``job_start``: a job was locked by, or started on, a worker."""
+
+    job: Job
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class JobCompleteEvent:
+    """``job_complete``: the job succeeded and its row is deleted."""
+
+    job: Job
+    worker_id: str
+    duration: float
+    """Seconds the handler ran."""
+
+
+@dataclass(frozen=True)
+class JobFailEvent:
+    """``job_fail`` (will retry) and ``job_permanently_fail`` (out of attempts).
+
+    ``job`` is the job as it was fetched (``attempts`` counts this attempt); ``run_at``
+    is when it will be tried again.
+    """
+
+    job: Job
+    worker_id: str
+    error: str
+    """The message stored in ``last_error``."""
+    exception: BaseException | None
+    will_retry: bool
+    run_at: Any
+    duration: float
+
+
+@dataclass(frozen=True)
+class JobLockLostEvent:
+    """``job_lock_lost``: the job's lock was no longer ours when its outcome was written.
+
+    Someone unlocked or took the job (the 4-hour sweep, ``force_unlock_workers``, a
+    manual change); nothing was written for it. ``outcome`` is ``"complete"``,
+    ``"fail"`` or ``"return"``.
+    """
+
+    job: Job
+    worker_id: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class BeforeJobRunContext:
+    """What a ``before_job_run`` interceptor sees."""
+
+    job: Job
+    worker_id: str
+    payload: Any
+    """The payload the handler will get (JSON data), after earlier interceptors."""
+
+
+@dataclass(frozen=True)
+class AfterJobRunContext:
+    """What an ``after_job_run`` interceptor sees: the handler's outcome."""
+
+    job: Job
+    worker_id: str
+    error: BaseException | None
+    """The exception the handler raised, or ``None`` on success."""
+    duration: float
+
+
 Observer = Callable[[Any], "Awaitable[None] | None"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -139,6 +280,46 @@ class Hooks:
         """The observers registered for ``event``."""
         return list(self._observers.get(event, ()))
 
+    def has(self, event: str) -> bool:
+        """Whether ``event`` has an observer (lets the worker skip building events)."""
+        return bool(self._observers.get(event))
+
+    async def intercept_before_run(self, ctx: BeforeJobRunContext) -> Continue | Skip | Fail:
+        """Run the ``before_job_run`` interceptors; the first Skip or Fail wins.
+
+        Each interceptor sees the payload the previous ``Continue`` produced; the result
+        is a ``Continue`` carrying the final payload, or the terminal decision.
+        """
+        payload = ctx.payload
+        for hook in self.before_job_run_hooks:
+            decision = await _call(hook, BeforeJobRunContext(ctx.job, ctx.worker_id, payload))
+            if decision is None:
+                continue
+            if isinstance(decision, Continue):
+                if decision.payload is not UNCHANGED:
+                    payload = decision.payload
+            elif isinstance(decision, (Skip, Fail)):
+                return decision
+            else:
+                raise TypeError(
+                    f"a before_job_run hook must return Continue, Skip, Fail or None, "
+                    f"not {decision!r}"
+                )
+        return Continue(payload)
+
+    async def intercept_after_run(self, ctx: AfterJobRunContext) -> Continue | Skip | Fail:
+        """Run the ``after_job_run`` interceptors; the first Skip or Fail wins."""
+        for hook in self.after_job_run_hooks:
+            decision = await _call(hook, ctx)
+            if decision is None or isinstance(decision, Continue):
+                continue
+            if isinstance(decision, (Skip, Fail)):
+                return decision
+            raise TypeError(
+                f"an after_job_run hook must return Continue, Skip, Fail or None, not {decision!r}"
+            )
+        return Continue()
+
     async def emit(self, event: str, payload: Any) -> None:
         """Call every observer of ``event``; an observer's error is logged, not raised."""
         for observer in self._observers.get(event, ()):
@@ -159,7 +340,8 @@ class Hooks:
             if decision is None:
                 continue
             if isinstance(decision, Continue):
-                payload = decision.payload
+                if decision.payload is not UNCHANGED:
+                    payload = decision.payload
             elif isinstance(decision, Skip):
                 raise JobScheduleSkipped(f"job {identifier!r} was skipped by a schedule hook")
             elif isinstance(decision, Fail):
@@ -170,3 +352,10 @@ class Hooks:
                     f"not {decision!r}"
                 )
         return payload
+
+
+async def _call(hook: Callable[..., Any], ctx: Any) -> Any:
+    result = hook(ctx)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

@@ -1,0 +1,146 @@
+"""The worker's LISTEN connection: wake-ups on ``jobs:insert``, stops on ``worker:migrate``.
+
+It holds one psycopg connection of its own, outside any pool: a LISTEN lives as long as
+its session, and a pooled connection would be reset or handed to someone else. When the
+connection fails it is re-established with Node's backoff; every (re)connection counts
+as a wake-up, since notifications sent while we were away are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+__all__ = ["CHANNELS", "NotificationListener", "insert_count", "reconnect_delay"]
+
+logger = logging.getLogger("sqla_graphile.worker.listener")
+
+#: The channels Node graphile-worker 0.18 listens on.
+CHANNELS = ("jobs:insert", "worker:migrate")
+
+# With no notification for this long the connection is checked with a round trip, so a
+# silently dead connection (a half-open TCP session) is noticed and replaced.
+_HEALTH_CHECK_INTERVAL = 30.0
+
+
+def reconnect_delay(attempt: int, jitter: float | None = None) -> float:
+    """Seconds before reconnection ``attempt`` (0-based): Node's backoff.
+
+    ``ceil(jitter × min(60 000, 50 × e^attempt))`` milliseconds, jitter in [0.5, 1).
+    """
+    if jitter is None:
+        jitter = 0.5 + random.random() / 2
+    exponent = min(attempt, 10)  # e^10 × 50 ms is already past the 60 s cap
+    return math.ceil(jitter * min(60_000.0, 50.0 * math.exp(exponent))) / 1000.0
+
+
+def insert_count(payload: str) -> int:
+    """How many jobs a ``jobs:insert`` payload announces (1 when it does not say)."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return 1
+    if isinstance(data, dict):
+        count = data.get("count", 1)
+        if isinstance(count, (int, float)) and not isinstance(count, bool):
+            return int(count)
+    return 1
+
+
+class NotificationListener:
+    """Keeps a LISTEN session open and reports what arrives.
+
+    ``on_insert(count)`` for a ``jobs:insert`` with a positive count, ``on_migrate(data)``
+    for ``worker:migrate``, ``on_connect()`` after each successful LISTEN.
+    """
+
+    def __init__(
+        self,
+        connect_kwargs: Mapping[str, Any],
+        *,
+        on_insert: Callable[[int], None],
+        on_migrate: Callable[[dict[str, Any]], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self._connect_kwargs = dict(connect_kwargs)
+        self._on_insert = on_insert
+        self._on_migrate = on_migrate
+        self._on_connect = on_connect
+        self.listening = False
+        """Whether the LISTEN session is established right now."""
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with backoff after any failure."""
+        attempt = 0
+        while True:
+            connection: psycopg.AsyncConnection[Any] | None = None
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    **self._connect_kwargs, autocommit=True
+                )
+                for channel in CHANNELS:
+                    await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                self.listening = True
+                attempt = 0
+                self._on_connect()
+                await self._receive(connection)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = reconnect_delay(attempt)
+                attempt += 1
+                logger.warning(
+                    "LISTEN connection failed (%s); reconnecting in %.3f s", _brief(exc), delay
+                )
+                self.listening = False
+                await _close(connection)
+                connection = None
+                await asyncio.sleep(delay)
+            finally:
+                self.listening = False
+                await _close(connection)
+
+    async def _receive(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            received = False
+            async for notify in connection.notifies(timeout=_HEALTH_CHECK_INTERVAL):
+                received = True
+                self._dispatch(notify.channel, notify.payload)
+            if not received:
+                await connection.execute("select 1")
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        if channel == "jobs:insert":
+            count = insert_count(payload)
+            if count > 0:
+                self._on_insert(count)
+        elif channel == "worker:migrate":
+            try:
+                data = json.loads(payload)
+            except ValueError:
+                data = None
+            self._on_migrate(data if isinstance(data, dict) else {})
+        else:  # pragma: no cover - we listen to nothing else
+            logger.debug("notification on unexpected channel %r", channel)
+
+
+async def _close(connection: psycopg.AsyncConnection[Any] | None) -> None:
+    if connection is None or connection.closed:
+        return
+    try:
+        await connection.close()
+    except Exception:  # closing a broken connection may fail; it is gone either way
+        logger.debug("error closing the LISTEN connection", exc_info=True)
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -1,0 +1,1124 @@
+"""The worker: fetches jobs on Node graphile-worker 0.18's protocol and runs Python handlers.
+
+One asyncio event loop drives everything: a fetcher that fills a local queue with jobs
+locked in batches, up to ``concurrency`` running jobs (``async def`` handlers on the loop,
+``def`` handlers in threads), two writers that send completions and failures in batches,
+the LISTEN connection, and Node's 4-hour stale-lock sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import random
+import secrets
+import signal
+import time
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .._urls import engine_from_url, normalize_url
+from ..context import CancellationSignal, WorkerContext
+from ..errors import SchemaNotMigrated, sqlstate_of, translate_db_error
+from ..hooks import (
+    UNCHANGED,
+    AfterJobRunContext,
+    BeforeJobRunContext,
+    Continue,
+    Fail,
+    Hooks,
+    JobCompleteEvent,
+    JobEvent,
+    JobFailEvent,
+    JobLockLostEvent,
+    Skip,
+    WorkerStartEvent,
+    WorkerStopEvent,
+)
+from ..job import Job
+from ..migrations import check_database
+from ..schema import DEFAULT_SCHEMA, validate_schema_name
+from ..utils import AsyncWorkerUtils, WorkerUtils
+from ._threads import HandlerThreads
+from .listener import NotificationListener
+from .sql import WorkerStatements, worker_statements
+from .tasks import BatchFailure, BatchJobError, TaskRegistry, WorkerTask, batch_outcome
+
+__all__ = ["ForbiddenFlags", "Worker"]
+
+logger = logging.getLogger("sqla_graphile.worker")
+_T = TypeVar("_T")
+
+#: ``forbidden_flags``: a list, or a function (sync or async) called before each fetch.
+ForbiddenFlags = (
+    Sequence[str] | Callable[[], "Sequence[str] | Awaitable[Sequence[str] | None] | None"]
+)
+
+# SQLSTATEs worth another try: serialisation failure, deadlock, the server starting up or
+# shutting down, too many connections, and lost connections.
+_TRANSIENT_SQLSTATES = frozenset(
+    {"40001", "40P01", "57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08006"}
+)
+# Node's stale-lock sweep: first after a random 0–60 s, then every random 8–10 min.
+_FIRST_SWEEP_MAX = 60.0
+_SWEEP_INTERVAL = (480.0, 600.0)
+# Largest number of outcomes sent in one statement.
+_MAX_WRITE_BATCH = 2000
+# Characters of traceback kept in last_error after the message.
+_TRACEBACK_CHARS = 1500
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (PoolTimeoutError, OSError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = sqlstate_of(exc)
+        if state is None:
+            # No SQLSTATE: the connection broke before the server answered.
+            return type(exc.orig).__name__ in ("OperationalError", "InterfaceError")
+        return state in _TRANSIENT_SQLSTATES
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """``last_error`` for an exception: its concise message, then a trimmed traceback."""
+    message = str(exc).strip() or type(exc).__name__
+    head = f"{type(exc).__name__}: {message}"
+    # The worker's own frames (and asyncio's) say nothing about the failure.
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith(_OWN_FILES)
+    ]
+    if not frames:
+        return head
+    tail = "".join(traceback.format_list(frames[-4:]))
+    if len(tail) > _TRACEBACK_CHARS:
+        tail = "…" + tail[-_TRACEBACK_CHARS:]
+    return f"{head}\n{tail.rstrip()}"
+
+
+_OWN_FILES = (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
+
+
+class _HookFailure(Exception):
+    """A job failed by an interceptor's ``Fail(message)``."""
+
+
+class _ShutdownFailure(Exception):
+    """A job interrupted by the worker's shutdown."""
+
+
+class _JobLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each line with the job and carries it in ``extra`` for structured logs."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[job {extra['job_id']} {extra['task_identifier']}] {msg}", kwargs
+
+
+@dataclass
+class _Running:
+    job: Job
+    started: float
+    task: asyncio.Task[None] | None = None
+    handler: asyncio.Task[Any] | None = None
+    """The ``async def`` handler's own task, cancelled at the end of the grace period."""
+    abandoned: bool = False
+    """Failed by the shutdown while still running: its outcome is not written."""
+
+
+@dataclass
+class _Completion:
+    job: Job
+    duration: float
+
+
+@dataclass
+class _Failure:
+    job: Job
+    message: str
+    exception: BaseException | None
+    duration: float
+    payload: Any = UNCHANGED
+
+
+class _Writer(Generic[_T]):
+    """Collects outcomes and writes them in batches, one statement in flight at a time.
+
+    While a statement runs, new outcomes accumulate and go together in the next one; a
+    ``delay`` widens that window. :meth:`close` returns once everything is written.
+    """
+
+    def __init__(self, delay: float, write: Callable[[list[_T]], Awaitable[None]]) -> None:
+        self._delay = delay
+        self._write = write
+        self._items: list[_T] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._task = asyncio.create_task(self._loop(), name="sqla_graphile-writer")
+
+    def add(self, item: _T) -> None:
+        self._items.append(item)
+        self._idle.clear()
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            if self._delay > 0 and not self._closed:
+                await asyncio.sleep(self._delay)
+            self._wake.clear()
+            while self._items:
+                batch = self._items[:_MAX_WRITE_BATCH]
+                del self._items[:_MAX_WRITE_BATCH]
+                try:
+                    await self._write(batch)
+                except Exception:  # the write logs its own errors; this is a bug
+                    logger.exception("writing %d outcome(s) failed", len(batch))
+            self._idle.set()
+            if self._closed:
+                return
+
+
+class Worker:
+    """Runs task handlers for jobs of a Graphile Worker schema, alongside Node workers.
+
+    ``bind`` is an :class:`~sqlalchemy.Engine`, an
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine` or a database URL; the worker talks to the
+    database through an async psycopg engine (made from the URL unless an ``AsyncEngine``
+    is given) and gives handlers a :class:`WorkerUtils` on a sync engine.
+
+    Options:
+
+    ``concurrency``
+        Jobs run at once (``def`` handlers run in as many threads).
+    ``poll_interval``
+        Seconds between fetches while idle; notifications wake the worker sooner.
+    ``forbidden_flags``
+        Flags whose jobs this worker leaves alone: a list, or a function (sync or async)
+        called before each fetch. With a function, no jobs are fetched ahead of free
+        slots, so each fetch uses fresh flags.
+    ``hooks``
+        A :class:`~sqla_graphile.hooks.Hooks` registry of observers and interceptors.
+    ``local_queue_size``
+        Jobs locked per fetch and kept ready in memory; ``0`` fetches only for free
+        slots. Unstarted jobs are returned (``attempts`` restored) on shutdown or after
+        ``local_queue_ttl`` seconds.
+    ``complete_batch_delay`` / ``fail_batch_delay``
+        Seconds to collect outcomes before writing them in one statement. With ``0``
+        outcomes still share a statement whenever they finish while a write is in flight.
+    ``shutdown_grace_period``
+        Seconds running jobs get to finish after a shutdown request before they are
+        cancelled and failed.
+    ``listen``
+        Whether to LISTEN for ``jobs:insert``/``worker:migrate`` (polling alone otherwise).
+    """
+
+    def __init__(
+        self,
+        bind: Engine | AsyncEngine | str | URL,
+        tasks: Iterable[Any],
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        concurrency: int = 10,
+        poll_interval: float = 2.0,
+        forbidden_flags: ForbiddenFlags | None = None,
+        hooks: Hooks | None = None,
+        local_queue_size: int | None = None,
+        local_queue_ttl: float = 300.0,
+        complete_batch_delay: float = 0.0,
+        fail_batch_delay: float | None = None,
+        shutdown_grace_period: float = 5.0,
+        listen: bool = True,
+        worker_id: str | None = None,
+    ) -> None:
+        if not isinstance(bind, (Engine, AsyncEngine, str, URL)):
+            raise TypeError(
+                f"Worker needs an Engine, AsyncEngine or database URL, not {type(bind).__name__}"
+            )
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        self.bind = bind
+        self.schema = validate_schema_name(schema)
+        self.tasks = TaskRegistry.build(tasks)
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.forbidden_flags = forbidden_flags
+        self.hooks = hooks if hooks is not None else Hooks()
+        self.local_queue_size = (
+            max(100, 4 * concurrency) if local_queue_size is None else int(local_queue_size)
+        )
+        if self.local_queue_size < 0:
+            raise ValueError("local_queue_size must be 0 or more")
+        self.local_queue_ttl = local_queue_ttl
+        self.complete_batch_delay = complete_batch_delay
+        self.fail_batch_delay = (
+            complete_batch_delay if fail_batch_delay is None else fail_batch_delay
+        )
+        self.shutdown_grace_period = shutdown_grace_period
+        self.listen = listen
+        self.worker_id = worker_id or f"graphile_worker_{secrets.token_hex(9)}"
+        """Our lock id: ``locked_by`` of every job and queue this worker holds."""
+        self._sync_engine: Engine | None = bind if isinstance(bind, Engine) else None
+        self._owns_sync_engine = False
+        self._utils: WorkerUtils | None = None
+        self._runtime: _Runtime | None = None
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def task_identifiers(self) -> frozenset[str]:
+        """The identifiers of the tasks this worker runs."""
+        return frozenset(self.tasks)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the worker's LISTEN connection is established right now."""
+        runtime = self._runtime
+        return bool(runtime and runtime.listener and runtime.listener.listening)
+
+    def create_utils(self) -> WorkerUtils:
+        """A :class:`WorkerUtils` with this worker's hooks and task identifiers.
+
+        Its ``cleanup(GC_TASK_IDENTIFIERS)`` keeps the identifiers of this worker's tasks.
+        """
+        if self._utils is None:
+            self._utils = WorkerUtils(
+                self._sync(),
+                self.schema,
+                hooks=self.hooks,
+                known_identifiers=self.task_identifiers,
+            )
+        return self._utils
+
+    def run(self) -> None:
+        """Work until SIGINT/SIGTERM (or :meth:`request_shutdown`); blocks.
+
+        The first signal shuts down gracefully, a second forces the shutdown. Every
+        completion and failure is written before this returns.
+        """
+        asyncio.run(self._main(once=False, handle_signals=True, private_engine=True))
+
+    def run_once(self) -> None:
+        """Work until no job is runnable (running jobs' outcomes included), then return."""
+        asyncio.run(self._main(once=True, handle_signals=True, private_engine=True))
+
+    async def run_async(self) -> None:
+        """:meth:`run` for an application's event loop (no signal handling).
+
+        Stop it with :meth:`request_shutdown` or by cancelling the task, which shuts
+        down gracefully before the cancellation propagates.
+        """
+        await self._main(once=False, handle_signals=False, private_engine=False)
+
+    async def run_once_async(self) -> None:
+        """:meth:`run_once` for an application's event loop."""
+        await self._main(once=True, handle_signals=False, private_engine=False)
+
+    def request_shutdown(self, *, force: bool = False, reason: str = "graceful") -> None:
+        """Ask the running worker to stop (from any thread); ``force`` skips the grace."""
+        runtime = self._runtime
+        if runtime is None:
+            return
+        runtime.loop.call_soon_threadsafe(runtime.request_stop, reason, force)
+
+    def close(self) -> None:
+        """Dispose of the sync engine the worker created from a URL (nothing otherwise)."""
+        if self._owns_sync_engine and self._sync_engine is not None:
+            self._sync_engine.dispose()
+
+    # -- engines ----------------------------------------------------------------------
+
+    def _url(self) -> URL:
+        bind = self.bind
+        if isinstance(bind, (Engine, AsyncEngine)):
+            return bind.url
+        return normalize_url(bind) if isinstance(bind, str) else bind
+
+    def _sync(self) -> Engine:
+        if self._sync_engine is None:
+            url = self._url()
+            if isinstance(self.bind, AsyncEngine):
+                url = url.set(drivername="postgresql+psycopg")
+            self._sync_engine = engine_from_url(url)
+            self._owns_sync_engine = True
+        return self._sync_engine
+
+    def _async_engine(self, private: bool) -> tuple[AsyncEngine, bool]:
+        bind = self.bind
+        if isinstance(bind, AsyncEngine) and not private:
+            return bind, False
+        url = make_url(self._url()) if not isinstance(bind, AsyncEngine) else bind.url
+        if not isinstance(bind, AsyncEngine):
+            url = url.set(drivername="postgresql+psycopg_async")
+        # Enough connections for the fetcher, both writers, the sweep and handlers'
+        # async utils, without ever waiting on the pool for a write.
+        return create_async_engine(url, pool_size=5, max_overflow=self.concurrency), True
+
+    def _listen_kwargs(self, engine: AsyncEngine) -> dict[str, Any]:
+        url = engine.url.set(drivername="postgresql+psycopg_async")
+        dialect = create_async_engine(url).dialect  # parses only, never connects
+        _args, kwargs = dialect.create_connect_args(url)
+        kwargs.pop("context", None)
+        kwargs.setdefault("application_name", "sqla_graphile listener")
+        return dict(kwargs)
+
+    # -- the run ----------------------------------------------------------------------
+
+    async def _main(self, *, once: bool, handle_signals: bool, private_engine: bool) -> None:
+        if self._runtime is not None:
+            raise RuntimeError("this worker is already running")
+        engine, owned = self._async_engine(private_engine)
+        runtime = _Runtime(self, engine, once=once)
+        self._runtime = runtime
+        installed: list[signal.Signals] = []
+        try:
+            if handle_signals:
+                installed = _install_signals(runtime)
+            await runtime.run()
+        finally:
+            for sig in installed:
+                runtime.loop.remove_signal_handler(sig)
+            self._runtime = None
+            if owned:
+                await engine.dispose()
+
+
+def _install_signals(runtime: _Runtime) -> list[signal.Signals]:
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            runtime.loop.add_signal_handler(sig, runtime.on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            logger.debug("cannot handle %s here; stop the worker with request_shutdown", sig)
+            continue
+        installed.append(sig)
+    return installed
+
+
+class _Runtime:
+    """The state of one run of a :class:`Worker`."""
+
+    def __init__(self, worker: Worker, engine: AsyncEngine, *, once: bool) -> None:
+        self.worker = worker
+        self.once = once
+        self.loop = asyncio.get_running_loop()
+        self.base_engine = engine
+        # Every worker statement is a single autocommit statement, as Node's are.
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.sql: WorkerStatements = worker_statements(worker.schema)
+        self.worker_id = worker.worker_id
+        self.identifiers = sorted(worker.tasks)
+        self.hooks = worker.hooks
+        self.cancellation = CancellationSignal()
+        self.local: deque[tuple[Job, float]] = deque()
+        self.running: dict[int, _Running] = {}
+        self.listener: NotificationListener | None = None
+        self.stopping = False
+        self.forced = False
+        self.stop_reason = "graceful"
+        self.error: BaseException | None = None
+        self.stop_event = asyncio.Event()
+        self.force_event = asyncio.Event()
+        self.nudge = asyncio.Event()
+        self.demand = asyncio.Event()
+        self.ttl_expired = False
+        self.writes_done = 0
+        self.signals = 0
+        self.force_message = "Forced worker shutdown"
+        self.prefetch = worker.local_queue_size > 0 and not callable(worker.forbidden_flags)
+        self.job_logger = logging.getLogger("sqla_graphile.worker.job")
+        self._background: list[asyncio.Task[None]] = []
+        self._returns: list[asyncio.Task[None]] = []
+
+    # -- control ----------------------------------------------------------------------
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            logger.info("%s received: shutting down gracefully (again to force)", sig.name)
+            self.request_stop("graceful", False)
+        else:
+            logger.warning("%s received again: forcing the shutdown", sig.name)
+            self.request_stop(f"forced by {sig.name}", True)
+
+    def request_stop(self, reason: str, force: bool) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_reason = "forced" if force else reason
+        if force:
+            self.forced = True
+            self.stop_reason = "forced"
+            self.force_message = f"Forced worker shutdown ({reason})"
+            self.force_event.set()
+        self.stop_event.set()
+        self.nudge.set()
+        self.demand.set()
+
+    def on_insert(self, count: int) -> None:
+        self.nudge.set()
+
+    def on_migrate(self, data: dict[str, Any]) -> None:
+        if data.get("breaking") is True:
+            logger.warning(
+                "a breaking migration (%s) was applied to the worker schema; stopping",
+                data.get("migrationNumber"),
+            )
+            self.request_stop("migrate", False)
+        else:
+            logger.info("the worker schema was migrated (%s)", data.get("migrationNumber"))
+
+    # -- database ---------------------------------------------------------------------
+
+    async def execute(
+        self,
+        statement: Any,
+        params: dict[str, Any],
+        *,
+        what: str,
+        retries: int = 100,
+        retry_any: bool = False,
+    ) -> list[Any]:
+        """Run one autocommit statement and return its rows, retrying transient errors."""
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self.engine.connect() as connection:
+                    result = await connection.execute(statement, params)
+                    return list(result.mappings().all()) if result.returns_rows else []
+            except (DBAPIError, PoolTimeoutError, OSError) as exc:
+                if attempt >= retries or not (retry_any or _is_transient(exc)):
+                    if isinstance(exc, DBAPIError):
+                        translated = translate_db_error(exc, schema=self.worker.schema)
+                        if translated is not None:
+                            raise translated from exc
+                    raise
+                logger.warning(
+                    "%s failed (attempt %d, retrying in %.2f s): %s",
+                    what,
+                    attempt,
+                    delay,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                )
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 1.5, 5.0 if retry_any else 30.0)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.start()
+        interrupted: BaseException | None = None
+        try:
+            await self.stop_event.wait()
+        except asyncio.CancelledError as exc:
+            # The application cancelled us: shut down gracefully, then let it through.
+            interrupted = exc
+            self.request_stop("cancelled", False)
+        try:
+            await asyncio.shield(self.shutdown())
+        except asyncio.CancelledError as exc:
+            interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+        if self.error is not None:
+            raise self.error
+
+    async def start(self) -> None:
+        async with self.base_engine.connect() as connection:
+            ledger = await connection.run_sync(lambda c: check_database(c, self.worker.schema))
+        if not ledger.table_exists:
+            raise SchemaNotMigrated(self.worker.schema)
+        await self.execute(
+            self.sql.register_tasks, {"identifiers": self.identifiers}, what="registering tasks"
+        )
+        if self.once:
+            await self.sweep()
+        self.threads = HandlerThreads(self.worker.concurrency, "sqla_graphile-handler")
+        self.utils = self.worker.create_utils()
+        self.async_utils = AsyncWorkerUtils(
+            self.base_engine,
+            self.worker.schema,
+            hooks=self.hooks,
+            known_identifiers=self.worker.task_identifiers,
+        )
+        self.completer = _Writer[_Completion](
+            self.worker.complete_batch_delay, self.write_completions
+        )
+        self.failer = _Writer[_Failure](self.worker.fail_batch_delay, self.write_failures)
+        logger.info(
+            "worker %s started: %d task(s), concurrency %d, schema %r%s",
+            self.worker_id,
+            len(self.identifiers),
+            self.worker.concurrency,
+            self.worker.schema,
+            " (run once)" if self.once else "",
+        )
+        await self.emit(
+            "worker_start",
+            lambda: WorkerStartEvent(
+                self.worker_id,
+                self.worker.schema,
+                self.worker.concurrency,
+                self.worker.task_identifiers,
+            ),
+        )
+        if self.worker.listen and not self.once:
+            self.listener = NotificationListener(
+                self.worker._listen_kwargs(self.base_engine),
+                on_insert=self.on_insert,
+                on_migrate=self.on_migrate,
+                on_connect=self.nudge.set,
+            )
+            self._background.append(asyncio.create_task(self.listener.run(), name="listener"))
+        if not self.once:
+            self._background.append(asyncio.create_task(self.sweep_loop(), name="sweep"))
+        self.fetcher = asyncio.create_task(self.fetch_loop(), name="sqla_graphile-fetcher")
+
+    async def shutdown(self) -> None:
+        reason = self.stop_reason
+        # 1. Stop fetching; a fetch in flight is awaited, never cancelled (its jobs
+        #    would stay locked by us for 4 hours).
+        try:
+            await asyncio.wait_for(asyncio.shield(self.fetcher), timeout=30.0)
+        except asyncio.TimeoutError:
+            logger.error("the fetcher did not stop in 30 s; cancelling it")
+            self.fetcher.cancel()
+        except Exception:  # its error was logged and recorded by fetch_loop
+            pass
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        # 2. Jobs fetched but never started go back, attempts restored.
+        await self.return_local_jobs()
+        await asyncio.gather(*self._returns)
+        # 3. Running jobs get the grace period (none after a forced stop).
+        if self.running and not self.forced:
+            await self.wait_running(self.worker.shutdown_grace_period)
+        # 4. Then they are asked to stop, async handlers cancelled, and what still runs
+        #    is failed in one statement.
+        if self.running:
+            self.cancellation.set()
+            for record in self.running.values():
+                if record.handler is not None:
+                    record.handler.cancel()
+            if not self.forced:
+                await self.wait_running(min(1.0, self.worker.shutdown_grace_period))
+        if self.running:
+            await self.fail_abandoned()
+        # 5. Every outcome is written before we return.
+        await self.completer.close()
+        await self.failer.close()
+        self.threads.shutdown()
+        if self.forced:
+            reason = "forced"
+        logger.info("worker %s stopped (%s)", self.worker_id, reason)
+        await self.emit("worker_stop", lambda: WorkerStopEvent(self.worker_id, reason, self.error))
+
+    async def wait_running(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        while self.running and not self.force_event.is_set():
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return
+            self.demand.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    _first(self.demand.wait(), self.force_event.wait()), remaining
+                )
+
+    async def fail_abandoned(self) -> None:
+        records = list(self.running.values())
+        for record in records:
+            record.abandoned = True
+        if self.forced:
+            message = self.force_message
+        else:
+            message = (
+                "Worker shutdown: job still running after the "
+                f"{self.worker.shutdown_grace_period:g} s grace period"
+            )
+        now = time.monotonic()
+        failures = [
+            _Failure(r.job, message, _ShutdownFailure(message), now - r.started) for r in records
+        ]
+        logger.warning(
+            "failing %d job(s) still running at shutdown: %s",
+            len(failures),
+            ", ".join(str(r.job.id) for r in records),
+        )
+        await self.write_failures(failures)
+        for record in records:
+            if record.task is not None:
+                record.task.cancel()
+        self.running.clear()
+
+    async def emit(self, event: str, build: Callable[[], Any]) -> None:
+        if self.hooks.has(event):
+            await self.hooks.emit(event, build())
+
+    # -- fetching ---------------------------------------------------------------------
+
+    def fetch_size(self) -> int:
+        free = self.worker.concurrency - len(self.running)
+        queued = len(self.local)
+        needed = max(0, free - queued)
+        if not self.prefetch or self.ttl_expired:
+            return needed
+        size = self.worker.local_queue_size
+        if needed > 0 or queued <= size // 2:
+            return max(needed, size - queued)
+        return 0
+
+    async def forbidden(self) -> list[str] | None:
+        flags = self.worker.forbidden_flags
+        if flags is None:
+            return None
+        if callable(flags):
+            value = flags()
+            if inspect.isawaitable(value):
+                value = await value
+            flags = value
+        if flags is None:
+            return None
+        if isinstance(flags, str):
+            raise TypeError("forbidden_flags must be a list of flags, not a string")
+        listed = [str(flag) for flag in flags]
+        return listed or None
+
+    async def fetch(self, limit: int) -> list[Job]:
+        flags = await self.forbidden()
+        params: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "identifiers": self.identifiers,
+            "limit": limit,
+        }
+        statement = self.sql.fetch
+        if flags is not None:
+            statement = self.sql.fetch_with_flags
+            params["forbidden"] = flags
+        rows = await self.execute(statement, params, what="fetching jobs")
+        jobs = [
+            Job.from_row(row, task_identifier=row["task_identifier"], queue_name=row["queue_name"])
+            for row in rows
+        ]
+        if jobs and self.hooks.has("job_fetch"):
+            for job in jobs:
+                await self.hooks.emit("job_fetch", JobEvent(job, self.worker_id))
+        return jobs
+
+    async def fetch_loop(self) -> None:
+        try:
+            await self._fetch_loop()
+        except Exception as exc:
+            logger.exception("the worker's fetch loop failed; stopping")
+            self.error = exc
+            self.request_stop("error", False)
+
+    async def _fetch_loop(self) -> None:
+        poll = self.worker.poll_interval
+        while not self.stopping:
+            self.expire_local_jobs()
+            want = self.fetch_size()
+            if want == 0:
+                # Busy: wait for a free slot (or a TTL check).
+                self.demand.clear()
+                await _wait_event(self.demand, poll)
+                continue
+            self.nudge.clear()
+            writes_before = self.writes_done
+            try:
+                jobs = await self.fetch(want)
+            except Exception as exc:
+                if isinstance(exc, SchemaNotMigrated) or not _is_transient(exc):
+                    logger.exception("fetching jobs failed")
+                await _wait_event(self.stop_event, poll)
+                continue
+            self.ttl_expired = False
+            now = time.monotonic()
+            self.local.extend((job, now) for job in jobs)
+            self.fill_slots()
+            if len(jobs) >= want:
+                continue
+            # The database had fewer runnable jobs than we asked for.
+            if self.once:
+                if await self.once_finished(jobs, writes_before):
+                    return
+                continue
+            if not self.nudge.is_set():
+                await _wait_event(self.nudge, poll)
+
+    async def once_finished(self, jobs: list[Job], writes_before: int) -> bool:
+        """In run-once mode: whether nothing is left to do, after a short fetch."""
+        if jobs or self.running or self.local:
+            # Wait for a running job to end (its outcome may unlock a queue).
+            if self.running or self.local:
+                self.demand.clear()
+                await _wait_event(self.demand, self.worker.poll_interval)
+            return False
+        await self.completer.wait_idle()
+        await self.failer.wait_idle()
+        if self.writes_done != writes_before:
+            return False  # writes since that fetch may have released queues: look again
+        self.request_stop("finished", False)
+        return True
+
+    def fill_slots(self) -> None:
+        while self.local and len(self.running) < self.worker.concurrency and not self.stopping:
+            job, _ = self.local.popleft()
+            record = _Running(job, time.monotonic())
+            self.running[job.id] = record
+            record.task = asyncio.create_task(self.run_job(record))
+
+    def expire_local_jobs(self) -> None:
+        ttl = self.worker.local_queue_ttl
+        if not self.local or ttl <= 0:
+            return
+        limit = time.monotonic() - ttl
+        expired = []
+        while self.local and self.local[0][1] < limit:
+            expired.append(self.local.popleft()[0])
+        if expired:
+            self.ttl_expired = True
+            logger.info("returning %d job(s) unstarted for %g s", len(expired), ttl)
+            self._returns.append(asyncio.create_task(self.return_jobs(expired)))
+
+    async def return_local_jobs(self) -> None:
+        jobs = [job for job, _ in self.local]
+        self.local.clear()
+        if jobs:
+            await self.return_jobs(jobs)
+
+    async def return_jobs(self, jobs: list[Job]) -> None:
+        try:
+            rows = await self.execute(
+                self.sql.return_jobs,
+                {"worker_id": self.worker_id, "ids": [job.id for job in jobs]},
+                what="returning unstarted jobs",
+                retries=20,
+                retry_any=True,
+            )
+        except Exception:
+            logger.exception(
+                "could not return %d unstarted job(s); they stay locked until the 4-hour sweep",
+                len(jobs),
+            )
+            return
+        returned = {row["id"] for row in rows}
+        for job in jobs:
+            if job.id not in returned:
+                await self.lock_lost(job, "return")
+        if any(job.job_queue_id is not None for job in jobs):
+            self.nudge.set()
+
+    # -- running jobs -----------------------------------------------------------------
+
+    def context(self, job: Job) -> WorkerContext:
+        adapter = _JobLogger(
+            self.job_logger,
+            {
+                "job_id": job.id,
+                "task_identifier": job.task_identifier,
+                "attempt": job.attempts,
+                "worker_id": self.worker_id,
+            },
+        )
+        return WorkerContext(
+            job=job,
+            worker_id=self.worker_id,
+            logger=adapter,
+            utils=self.utils,
+            cancellation=self.cancellation,
+            async_utils=self.async_utils,
+        )
+
+    async def run_job(self, record: _Running) -> None:
+        job = record.job
+        try:
+            outcome = await self.execute_job(record)
+        finally:
+            if self.running.get(job.id) is record:
+                del self.running[job.id]
+            self.demand.set()
+            self.fill_slots()
+        if record.abandoned:
+            logger.warning(
+                "job %d (%s) finished after it was failed by the shutdown; outcome dropped",
+                job.id,
+                job.task_identifier,
+            )
+            return
+        if outcome is None:
+            self.completer.add(_Completion(job, time.monotonic() - record.started))
+        else:
+            outcome.duration = time.monotonic() - record.started
+            self.failer.add(outcome)
+
+    async def execute_job(self, record: _Running) -> _Failure | None:
+        """Run the interceptors and the handler; ``None`` on success, else the failure."""
+        job = record.job
+        entry = self.worker.tasks.get(job.task_identifier)
+        payload = job.payload
+        error: BaseException | None = None
+        replacement: Any = UNCHANGED
+        run = True
+        if self.hooks.before_job_run_hooks:
+            try:
+                decision = await self.hooks.intercept_before_run(
+                    BeforeJobRunContext(job, self.worker_id, payload)
+                )
+            except Exception as exc:
+                decision = Fail(_describe(exc))
+            if isinstance(decision, Skip):
+                return None
+            if isinstance(decision, Fail):
+                error, run = _HookFailure(decision.message), False
+            elif isinstance(decision, Continue) and decision.payload is not UNCHANGED:
+                payload = decision.payload
+        if run:
+            if entry is None:  # a task row renamed under us; never expected
+                error = LookupError(f"no handler for task {job.task_identifier!r}")
+            else:
+                await self.emit("job_start", lambda: JobEvent(job, self.worker_id))
+                try:
+                    result = await self.call(entry, payload, record)
+                    if entry.is_batch:
+                        failure = batch_outcome(payload, result)
+                        if failure is not None:
+                            error = _BatchItemsFailed(failure)
+                            if failure.payload is not None:
+                                replacement = failure.payload
+                except asyncio.CancelledError:
+                    if record.handler is None or not record.handler.cancelled():
+                        raise  # we are being cancelled ourselves, not the handler
+                    error = _ShutdownFailure(
+                        "Worker shutdown: job cancelled after the "
+                        f"{self.worker.shutdown_grace_period:g} s grace period"
+                    )
+                except Exception as exc:
+                    error = exc
+        if self.hooks.after_job_run_hooks:
+            duration = time.monotonic() - record.started
+            try:
+                verdict = await self.hooks.intercept_after_run(
+                    AfterJobRunContext(job, self.worker_id, error, duration)
+                )
+            except Exception as exc:
+                verdict = Fail(_describe(exc))
+            if isinstance(verdict, Skip):
+                return None
+            if isinstance(verdict, Fail):
+                error, replacement = _HookFailure(verdict.message), UNCHANGED
+        if error is None:
+            return None
+        return _Failure(job, _message(error), error, 0.0, replacement)
+
+    async def call(self, entry: WorkerTask, payload: Any, record: _Running) -> Any:
+        ctx = self.context(record.job)
+        if entry.is_async:
+            record.handler = asyncio.ensure_future(entry.invoke(payload, ctx))
+            return await record.handler
+        result = await self.threads.submit(entry.invoke, payload, ctx)
+        if inspect.isawaitable(result):  # a def returning a coroutine: awaited here
+            record.handler = asyncio.ensure_future(result)
+            result = await record.handler
+        return result
+
+    # -- writing outcomes -------------------------------------------------------------
+
+    async def write_completions(self, batch: list[_Completion]) -> None:
+        try:
+            rows = await self.execute(
+                self.sql.complete,
+                {"worker_id": self.worker_id, "ids": [c.job.id for c in batch]},
+                what=f"completing {len(batch)} job(s)",
+            )
+        except Exception:
+            logger.exception(
+                "could not record the completion of job(s) %s; they stay locked until the "
+                "4-hour sweep",
+                ", ".join(str(c.job.id) for c in batch),
+            )
+            return
+        finally:
+            self.writes_done += 1
+        done = {row["id"]: row for row in rows}
+        queue_released = False
+        for completion in batch:
+            job = completion.job
+            if job.id not in done:
+                await self.lock_lost(job, "complete")
+                continue
+            queue_released = queue_released or job.job_queue_id is not None
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "completed job %d (%s, attempt %d/%d) in %.1f ms",
+                    job.id,
+                    job.task_identifier,
+                    job.attempts,
+                    job.max_attempts,
+                    completion.duration * 1000,
+                )
+            await self.emit(
+                "job_complete",
+                lambda c=completion: JobCompleteEvent(c.job, self.worker_id, c.duration),  # type: ignore[misc]
+            )
+        if queue_released:
+            self.nudge.set()
+
+    async def write_failures(self, batch: list[_Failure]) -> None:
+        params = {
+            "worker_id": self.worker_id,
+            "ids": [f.job.id for f in batch],
+            "messages": [f.message for f in batch],
+            "payloads": [None if f.payload is UNCHANGED else _json_text(f.payload) for f in batch],
+        }
+        try:
+            rows = await self.execute(self.sql.fail, params, what=f"failing {len(batch)} job(s)")
+        except Exception:
+            logger.exception(
+                "could not record the failure of job(s) %s; they stay locked until the "
+                "4-hour sweep",
+                ", ".join(str(f.job.id) for f in batch),
+            )
+            return
+        finally:
+            self.writes_done += 1
+        written = {row["id"]: row for row in rows}
+        queue_released = False
+        for failure in batch:
+            job = failure.job
+            row = written.get(job.id)
+            if row is None:
+                await self.lock_lost(job, "fail")
+                continue
+            queue_released = queue_released or job.job_queue_id is not None
+            permanent = row["attempts"] >= row["max_attempts"]
+            first_line = failure.message.splitlines()[0] if failure.message else ""
+            if permanent:
+                logger.error(
+                    "job %d (%s, attempt %d/%d) failed permanently in %.1f ms: %s",
+                    job.id,
+                    job.task_identifier,
+                    job.attempts,
+                    job.max_attempts,
+                    failure.duration * 1000,
+                    first_line,
+                )
+            else:
+                logger.warning(
+                    "job %d (%s, attempt %d/%d) failed in %.1f ms, retry at %s: %s",
+                    job.id,
+                    job.task_identifier,
+                    job.attempts,
+                    job.max_attempts,
+                    failure.duration * 1000,
+                    row["run_at"].isoformat(),
+                    first_line,
+                )
+            event = "job_permanently_fail" if permanent else "job_fail"
+            await self.emit(
+                event,
+                lambda f=failure, r=row, p=permanent: JobFailEvent(  # type: ignore[misc]
+                    f.job, self.worker_id, f.message, f.exception, not p, r["run_at"], f.duration
+                ),
+            )
+        if queue_released:
+            self.nudge.set()
+
+    async def lock_lost(self, job: Job, outcome: str) -> None:
+        logger.warning(
+            "job %d (%s, attempt %d): its lock is no longer held by %s; the %s was not "
+            "written (the job was unlocked or taken over meanwhile)",
+            job.id,
+            job.task_identifier,
+            job.attempts,
+            self.worker_id,
+            {"complete": "completion", "fail": "failure", "return": "return"}[outcome],
+        )
+        await self.emit("job_lock_lost", lambda: JobLockLostEvent(job, self.worker_id, outcome))
+
+    # -- the 4-hour rule --------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        try:
+            rows = await self.execute(self.sql.sweep, {}, what="unlocking stale locks")
+        except Exception:
+            logger.exception("the stale-lock sweep failed")
+            return
+        if rows and (rows[0]["jobs"] or rows[0]["queues"]):
+            logger.warning(
+                "unlocked %d job(s) and %d queue(s) locked for more than 4 hours",
+                rows[0]["jobs"],
+                rows[0]["queues"],
+            )
+            self.nudge.set()
+
+    async def sweep_loop(self) -> None:
+        await asyncio.sleep(random.uniform(0, _FIRST_SWEEP_MAX))
+        while True:
+            await self.sweep()
+            await asyncio.sleep(random.uniform(*_SWEEP_INTERVAL))
+
+
+class _BatchItemsFailed(Exception):
+    """Some items of a batch job failed (see :class:`BatchFailure`)."""
+
+    def __init__(self, failure: BatchFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, (_HookFailure, _ShutdownFailure, _BatchItemsFailed, BatchJobError)):
+        return str(error) or type(error).__name__
+    return _describe(error)
+
+
+def _json_text(value: Any) -> str:
+    from ..tasks import encode_payload
+
+    return encode_payload(value)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,306 @@
+"""Every statement the worker sends, in one place, as SQLAlchemy Core built once per schema.
+
+The protocol is Node graphile-worker 0.18's, so Node and Python workers share one queue:
+
+``fetch``
+    Lock up to ``:limit`` runnable jobs and their named queues in one statement. A job is
+    a candidate when it is available, due, of one of our tasks (looked up *by name*, so a
+    garbage collection of task rows by any process never hides new jobs from us), free of
+    forbidden flags, and either has no queue or belongs to a queue that is unlocked and
+    row-lockable right now. At most one job per named queue is taken, so a named queue
+    runs one job at a time across every worker.
+``complete`` / ``fail`` / ``return_jobs``
+    Touch only rows whose ``locked_by`` is still ours, and unlock the queues we hold for
+    them; they return the ids they really wrote, so a lost lock is noticed.
+``sweep``
+    Node's 4-hour rule: unlock jobs and queues locked more than 4 hours ago.
+
+None of these statements touches ``updated_at``, as Node's don't.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    CTE,
+    JSON,
+    BigInteger,
+    ColumnElement,
+    Delete,
+    Integer,
+    Interval,
+    Select,
+    Table,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    column,
+    delete,
+    exists,
+    func,
+    literal_column,
+    not_,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.sql.dml import Insert
+
+from ..schema import WorkerSchema, worker_schema
+
+__all__ = ["LOCK_EXPIRY", "WorkerStatements", "worker_statements"]
+
+#: Node's hard-coded lock expiry: a lock older than this belongs to a dead worker.
+LOCK_EXPIRY = "4 hours"
+
+
+def _interval(text: str) -> ColumnElement[object]:
+    return literal_column(f"interval '{text}'", type_=Interval)
+
+
+class WorkerStatements:
+    """The worker's statements for one worker schema.
+
+    Parameters: ``worker_id`` (our lock id) everywhere; ``identifiers`` (text[]),
+    ``limit`` and, for :attr:`fetch_with_flags`, ``forbidden`` (text[]) for fetches;
+    ``ids`` (bigint[]) for complete and return; ``ids``, ``messages`` and ``payloads``
+    (text[], JSON text or NULL to keep the payload) for fail.
+    """
+
+    def __init__(self, schema: WorkerSchema) -> None:
+        self.schema = schema
+        self.fetch = self._fetch(with_flags=False)
+        self.fetch_with_flags = self._fetch(with_flags=True)
+        self.complete = self._complete()
+        self.fail = self._fail()
+        self.return_jobs = self._return_jobs()
+        self.sweep = self._sweep()
+        self.register_tasks = self._register_tasks()
+
+    # -- fetch ----------------------------------------------------------------------
+
+    def _fetch(self, *, with_flags: bool) -> Select[Any]:
+        jobs = self.schema.private_jobs
+        queues = self.schema.private_job_queues
+        tasks = self.schema.private_tasks
+        worker_id = bindparam("worker_id", type_=Text)
+
+        our_tasks = select(tasks.c.id).where(
+            tasks.c.identifier == any_(bindparam("identifiers", type_=ARRAY(Text)))
+        )
+        # Row-locking every available queue for the statement's duration makes concurrent
+        # fetchers (Node's included) skip them: two workers can never both pick a job of
+        # the same queue.
+        lockable_queues = (
+            select(queues.c.id)
+            .where(queues.c.is_available == true())
+            .with_for_update(skip_locked=True)
+        )
+        conditions: list[ColumnElement[bool]] = [
+            # "= true" (not "is true") so the planner can use the partial indexes.
+            jobs.c.is_available == true(),
+            jobs.c.run_at <= func.now(),
+            jobs.c.task_id.in_(our_tasks),
+            or_(jobs.c.job_queue_id.is_(None), jobs.c.job_queue_id.in_(lockable_queues)),
+        ]
+        if with_flags:
+            forbidden = bindparam("forbidden", type_=ARRAY(Text))
+            conditions.append(or_(jobs.c.flags.is_(None), not_(jobs.c.flags.has_any(forbidden))))
+        candidates = (
+            select(jobs.c.id, jobs.c.job_queue_id, jobs.c.priority, jobs.c.run_at)
+            .where(*conditions)
+            .order_by(jobs.c.priority, jobs.c.run_at)
+            .limit(bindparam("limit", type_=Integer))
+            .with_for_update(skip_locked=True)
+            .cte("candidates")
+        )
+        ranked = select(
+            candidates.c.id,
+            candidates.c.job_queue_id,
+            func.row_number()
+            .over(
+                partition_by=candidates.c.job_queue_id,
+                order_by=(candidates.c.priority, candidates.c.run_at),
+            )
+            .label("rank_in_queue"),
+        ).cte("ranked")
+        # Jobs without a queue are all kept; of each named queue only the first.
+        chosen = (
+            select(ranked.c.id, ranked.c.job_queue_id)
+            .where(or_(ranked.c.job_queue_id.is_(None), ranked.c.rank_in_queue == 1))
+            .cte("chosen")
+        )
+        locked_queues = (
+            update(queues)
+            .where(queues.c.id.in_(select(chosen.c.job_queue_id)))
+            .values(locked_by=worker_id, locked_at=func.now())
+            .returning(queues.c.id, queues.c.queue_name)
+            .cte("locked_queues")
+        )
+        locked_jobs = (
+            update(jobs)
+            .where(jobs.c.id.in_(select(chosen.c.id)))
+            .values(attempts=jobs.c.attempts + 1, locked_by=worker_id, locked_at=func.now())
+            .returning(*(c for c in jobs.c if c.name != "is_available"))
+            .cte("locked_jobs")
+        )
+        return (
+            select(
+                *locked_jobs.c,
+                tasks.c.identifier.label("task_identifier"),
+                locked_queues.c.queue_name,
+            )
+            .select_from(
+                locked_jobs.outerjoin(tasks, tasks.c.id == locked_jobs.c.task_id).outerjoin(
+                    locked_queues, locked_queues.c.id == locked_jobs.c.job_queue_id
+                )
+            )
+            .order_by(locked_jobs.c.priority, locked_jobs.c.run_at)
+        )
+
+    # -- releasing jobs -------------------------------------------------------------
+
+    def _unlock_queues_of(self, released: CTE) -> CTE:
+        """An UPDATE (as a CTE) unlocking the queues of ``released`` rows that we hold."""
+        queues = self.schema.private_job_queues
+        return (
+            update(queues)
+            .where(
+                queues.c.id.in_(select(released.c.job_queue_id)),
+                queues.c.locked_by == bindparam("worker_id", type_=Text),
+            )
+            .values(locked_by=null(), locked_at=null())
+            .returning(queues.c.id)
+            .cte("unlocked_queues")
+        )
+
+    def _complete(self) -> Select[Any]:
+        jobs = self.schema.private_jobs
+        deleted = _delete_ours(jobs).returning(jobs.c.id, jobs.c.job_queue_id).cte("completed_jobs")
+        unlocked = self._unlock_queues_of(deleted)
+        return select(deleted.c.id, deleted.c.job_queue_id).add_cte(unlocked)
+
+    def _fail(self) -> Select[Any]:
+        jobs = self.schema.private_jobs
+        failures = (
+            func.unnest(
+                bindparam("ids", type_=ARRAY(BigInteger)),
+                bindparam("messages", type_=ARRAY(Text)),
+                bindparam("payloads", type_=ARRAY(Text)),
+            )
+            .table_valued(
+                column("id", BigInteger), column("message", Text), column("payload", Text)
+            )
+            .render_derived(name="failure")
+        )
+        # Node's backoff, always by the database's clock: attempts is the value already
+        # incremented at fetch, so the first failure waits e seconds.
+        retry_at = func.greatest(func.now(), jobs.c.run_at) + func.exp(
+            func.least(jobs.c.attempts, 10)
+        ) * _interval("1 second")
+        failed = (
+            update(jobs)
+            .where(
+                jobs.c.id == failures.c.id,
+                jobs.c.locked_by == bindparam("worker_id", type_=Text),
+            )
+            .values(
+                last_error=failures.c.message,
+                run_at=retry_at,
+                locked_by=null(),
+                locked_at=null(),
+                payload=func.coalesce(cast(failures.c.payload, JSON), jobs.c.payload),
+            )
+            .returning(
+                jobs.c.id, jobs.c.job_queue_id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.run_at
+            )
+            .cte("failed_jobs")
+        )
+        unlocked = self._unlock_queues_of(failed)
+        return select(
+            failed.c.id, failed.c.attempts, failed.c.max_attempts, failed.c.run_at
+        ).add_cte(unlocked)
+
+    def _return_jobs(self) -> Select[Any]:
+        jobs = self.schema.private_jobs
+        returned = (
+            update(jobs)
+            .where(
+                jobs.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
+                jobs.c.locked_by == bindparam("worker_id", type_=Text),
+            )
+            # The attempt counted at fetch never started.
+            .values(
+                attempts=func.greatest(0, jobs.c.attempts - 1), locked_by=null(), locked_at=null()
+            )
+            .returning(jobs.c.id, jobs.c.job_queue_id)
+            .cte("returned_jobs")
+        )
+        unlocked = self._unlock_queues_of(returned)
+        return select(returned.c.id).add_cte(unlocked)
+
+    # -- maintenance ----------------------------------------------------------------
+
+    def _sweep(self) -> Select[Any]:
+        jobs = self.schema.private_jobs
+        queues = self.schema.private_job_queues
+        expired = func.now() - _interval(LOCK_EXPIRY)
+        swept_jobs = (
+            update(jobs)
+            .where(jobs.c.locked_at < expired)
+            # A crashed attempt still counts: attempts is left alone.
+            .values(
+                locked_at=null(),
+                locked_by=null(),
+                run_at=func.greatest(jobs.c.run_at, func.now()),
+            )
+            .returning(jobs.c.id)
+            .cte("swept_jobs")
+        )
+        swept_queues = (
+            update(queues)
+            .where(queues.c.locked_at < expired)
+            .values(locked_at=null(), locked_by=null())
+            .returning(queues.c.id)
+            .cte("swept_queues")
+        )
+        return select(
+            select(func.count()).select_from(swept_jobs).scalar_subquery().label("jobs"),
+            select(func.count()).select_from(swept_queues).scalar_subquery().label("queues"),
+        )
+
+    def _register_tasks(self) -> Insert:
+        tasks = self.schema.private_tasks
+        names = (
+            func.unnest(bindparam("identifiers", type_=ARRAY(Text)))
+            .table_valued(column("identifier", Text))
+            .render_derived(name="wanted")
+        )
+        # Only the missing names are inserted: no identity value is burnt on the others.
+        missing = select(names.c.identifier).where(
+            ~exists().where(tasks.c.identifier == names.c.identifier)
+        )
+        return pg_insert(tasks).from_select(["identifier"], missing).on_conflict_do_nothing()
+
+
+def _delete_ours(jobs: Table) -> Delete:
+    return delete(jobs).where(
+        and_(
+            jobs.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
+            jobs.c.locked_by == bindparam("worker_id", type_=Text),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def worker_statements(schema: str) -> WorkerStatements:
+    """The worker statements of the worker schema called ``schema`` (cached per name)."""
+    return WorkerStatements(worker_schema(schema))

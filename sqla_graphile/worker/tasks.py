@@ -1,0 +1,137 @@
+"""How the worker calls each kind of task, with one semantics for ``def`` and ``async def``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..context import WorkerContext
+from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of
+
+__all__ = ["BatchFailure", "BatchJobError", "TaskRegistry", "WorkerTask", "batch_outcome"]
+
+
+class BatchJobError(Exception):
+    """A batch job could not be run or its handler's answer is unusable."""
+
+
+@dataclass(frozen=True)
+class BatchFailure:
+    """Some items of a batch failed: the job is retried with only them as its payload."""
+
+    message: str
+    payload: list[Any] | None
+    """The failed items (JSON), or ``None`` when every item failed (payload unchanged)."""
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """One registered task: how to call it, and whether it runs on the loop."""
+
+    identifier: str
+    invoke: Callable[[Any, WorkerContext], Any]
+    """Decode the payload and call the handler; returns its result (or a coroutine)."""
+    is_async: bool
+    is_batch: bool
+
+
+def _task_handler(cls: type[TaskHandler]) -> WorkerTask:
+    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+        return cls.from_payload(payload).run(ctx)
+
+    return WorkerTask(identifier_of(cls), invoke, inspect.iscoroutinefunction(cls.run), False)
+
+
+def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
+    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+        return fn.fn(fn.decode(payload), ctx)
+
+    return WorkerTask(fn.IDENTIFIER, invoke, inspect.iscoroutinefunction(fn.fn), False)
+
+
+def _batch_task(cls: type[BatchTaskHandler]) -> WorkerTask:
+    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+        if not isinstance(payload, list):
+            raise BatchJobError(
+                f"batch job payload must be a JSON array, got {_json_kind(payload)}"
+            )
+        items = [cls.from_payload(item) for item in payload]
+        return cls.run_batch(items, ctx)
+
+    return WorkerTask(identifier_of(cls), invoke, inspect.iscoroutinefunction(cls.run_batch), True)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+class TaskRegistry(dict[str, WorkerTask]):
+    """The worker's tasks by identifier."""
+
+    @classmethod
+    def build(cls, tasks: Iterable[Any]) -> TaskRegistry:
+        """Register ``TaskHandler``/``BatchTaskHandler`` subclasses and ``@task`` functions."""
+        registry = cls()
+        for handler in tasks:
+            if isinstance(handler, FunctionTask):
+                entry = _function_task(handler)
+            elif isinstance(handler, type) and issubclass(handler, BatchTaskHandler):
+                entry = _batch_task(handler)
+            elif isinstance(handler, type) and issubclass(handler, TaskHandler):
+                entry = _task_handler(handler)
+            else:
+                raise TypeError(
+                    f"{handler!r} is not a task: pass TaskHandler or BatchTaskHandler "
+                    "subclasses, or functions decorated with @task"
+                )
+            if entry.identifier in registry:
+                raise ValueError(f"two tasks share the identifier {entry.identifier!r}")
+            if len(entry.identifier) > 128:
+                raise ValueError(
+                    f"task identifier {entry.identifier[:20]!r}… is longer than 128 characters"
+                )
+            registry[entry.identifier] = entry
+        if not registry:
+            raise ValueError("a worker needs at least one task")
+        return registry
+
+
+def batch_outcome(items: Sequence[Any], result: Any) -> BatchFailure | None:
+    """Interpret what ``run_batch`` returned for the JSON ``items``.
+
+    ``None`` means every item succeeded. A list holds one entry per item: an exception
+    for a failed item, anything else for success. Other answers fail the whole job.
+    """
+    if result is None:
+        return None
+    if not isinstance(result, (list, tuple)):
+        raise BatchJobError(
+            "run_batch must return None or a list with one result per item, "
+            f"not {type(result).__name__}"
+        )
+    if len(result) != len(items):
+        raise BatchJobError(
+            f"batch handler returned {len(result)} results for {len(items)} payload items"
+        )
+    failed = [(index, outcome) for index, outcome in enumerate(result) if _is_failure(outcome)]
+    if not failed:
+        return None
+    details = ", ".join(f"{index}: {_item_error(outcome)}" for index, outcome in failed)
+    message = f"{len(failed)} batch item(s) failed: {details}"
+    if len(failed) == len(items):
+        return BatchFailure(message, None)
+    return BatchFailure(message, [items[index] for index, _ in failed])
+
+
+def _is_failure(outcome: Any) -> bool:
+    return isinstance(outcome, BaseException)
+
+
+def _item_error(error: BaseException) -> str:
+    return str(error) or type(error).__name__
