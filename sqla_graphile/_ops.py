@@ -9,6 +9,7 @@ drives it with ``connection.execute``, ``AsyncWorkerUtils`` with
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -273,7 +274,7 @@ class Operations:
         params = _spec_params(identifier, payload_json, spec)
         for _ in range(KEY_RACE_RETRIES):
             result = yield self.sql.add_job, params
-            row = result.mappings().one()
+            row = _one_row(result)
             if row["id"] is not None:
                 break
             # Node issue #580: the keyed job was locked between add_jobs' detach step
@@ -303,39 +304,51 @@ class Operations:
                 "add such jobs one at a time with add_job"
             )
         preserve = JobKeyMode.PRESERVE_RUN_AT.value in modes
-        specs = [
-            {
-                "identifier": job.identifier,
-                "payload": _Raw(self._prepare(job.identifier, job.payload, job.spec)),
-                "queue_name": job.spec.queue_name,
-                "run_at": job.spec.run_at.isoformat() if job.spec.run_at else None,
-                "max_attempts": job.spec.max_attempts,
-                "job_key": job.spec.job_key,
-                "priority": job.spec.priority,
-                "flags": list(job.spec.flags) if job.spec.flags is not None else None,
-            }
-            for job in jobs
-        ]
-        rows: list[Mapping[Any, Any]] = []
-        pending = specs
+        # Each spec is encoded once (hooks and payload encoding run for every job before
+        # anything is written); a retry resends only the pending ones.
+        encoded: list[str] = []
+        keys: list[str | None] = []
+        identifiers: set[Any] = set()
+        queue_names: set[Any] = set()
+        plain_tails: dict[str, str] = {}  # per identifier, for specs setting no option
+        for job in jobs:
+            spec = job.spec
+            payload_json = self._prepare(job.identifier, job.payload, spec)
+            if (
+                spec.queue_name is None
+                and spec.run_at is None
+                and spec.max_attempts is None
+                and spec.job_key is None
+                and spec.priority is None
+                and spec.flags is None
+            ):
+                tail = plain_tails.get(job.identifier)
+                if tail is None:
+                    tail = plain_tails[job.identifier] = _spec_tail(job.identifier, spec)
+            else:
+                tail = _spec_tail(job.identifier, spec)
+            encoded.append('{"payload":' + payload_json + "," + tail)
+            keys.append(spec.job_key)
+            identifiers.add(job.identifier)
+            queue_names.add(spec.queue_name)
+        rows: list[Mapping[str, Any]] = []
+        pending: Sequence[int] = range(len(encoded))
         for _ in range(KEY_RACE_RETRIES):
             result = yield (
                 self.sql.add_jobs,
                 {
-                    "specs": _encode_specs(pending),
+                    "specs": "[" + ",".join([encoded[i] for i in pending]) + "]",
                     "preserve_run_at": preserve,
                 },
             )
-            got = list(result.mappings().all())
+            got = _dict_rows(result)
             rows.extend(got)
             if len(got) == len(pending):
                 break
             # Keyed specs that lost the race with a worker locking their job (see add_job)
             # returned no row; only they are sent again.
             written = {row["key"] for row in got}
-            pending = [
-                s for s in pending if s["job_key"] is not None and s["job_key"] not in written
-            ]
+            pending = [i for i in pending if keys[i] is not None and keys[i] not in written]
             if not pending:
                 break
         else:
@@ -343,17 +356,17 @@ class Operations:
                 f"could not add {len(pending)} keyed job(s): their keyed jobs were locked by "
                 f"workers in each of {KEY_RACE_RETRIES} attempts"
             )
-        if len(specs) >= ANALYZE_THRESHOLD:
+        if len(jobs) >= ANALYZE_THRESHOLD:
             yield self.sql.analyze, {}
-        task_hint = self._single_hint(rows, "task_id", {s["identifier"] for s in specs})
-        queue_hint = self._single_hint(rows, "job_queue_id", {s["queue_name"] for s in specs})
+        task_hint = self._single_hint(rows, "task_id", identifiers)
+        queue_hint = self._single_hint(rows, "job_queue_id", queue_names)
         return (yield from self._jobs(rows, task_hint, queue_hint))
 
     # -- administration -----------------------------------------------------------
 
     def remove_job(self, job_key: str) -> Op[Job | None]:
         result = yield self.sql.remove_job, {"job_key": job_key}
-        row = result.mappings().one()
+        row = _one_row(result)
         if row["id"] is None:
             return None
         jobs = yield from self._jobs([row])
@@ -361,7 +374,7 @@ class Operations:
 
     def _rows(self, statement: Executable, params: Mapping[str, Any]) -> Op[list[Job]]:
         result = yield statement, params
-        return (yield from self._jobs(list(result.mappings().all())))
+        return (yield from self._jobs(_dict_rows(result)))
 
     def complete_jobs(self, ids: Iterable[int]) -> Op[list[Job]]:
         return self._rows(self.sql.complete_jobs, {"ids": _ids(ids)})
@@ -409,18 +422,34 @@ class Operations:
                 yield self.sql.gc_job_queues, {}
 
 
-class _Raw(str):
-    """JSON text to embed as is inside a larger JSON document."""
+def _spec_tail(identifier: str, spec: JobSpec) -> str:
+    """A ``job_spec`` JSON object without its opening brace and payload.
+
+    The payload, already JSON text, is put in front of it as is. Fields left ``None``
+    are omitted: ``json_populate_recordset`` reads them as NULL, as an explicit ``null``.
+    """
+    fields: dict[str, Any] = {"identifier": identifier}
+    if spec.queue_name is not None:
+        fields["queue_name"] = spec.queue_name
+    if spec.run_at is not None:
+        fields["run_at"] = spec.run_at.isoformat()
+    if spec.max_attempts is not None:
+        fields["max_attempts"] = spec.max_attempts
+    if spec.job_key is not None:
+        fields["job_key"] = spec.job_key
+    if spec.priority is not None:
+        fields["priority"] = spec.priority
+    if spec.flags is not None:
+        fields["flags"] = list(spec.flags)
+    return json.dumps(fields)[1:]
 
 
-def _encode_specs(specs: Sequence[Mapping[Any, Any]]) -> str:
-    import json
+def _one_row(result: Result[Any]) -> dict[str, Any]:
+    """The single row of ``result`` as a plain dict (``Result.one()`` semantics)."""
+    return dict(zip(result.keys(), result.one(), strict=True))
 
-    parts = []
-    for spec in specs:
-        fields = []
-        for name, value in spec.items():
-            encoded = str(value) if isinstance(value, _Raw) else json.dumps(value)
-            fields.append(f"{json.dumps(name)}:{encoded}")
-        parts.append("{" + ",".join(fields) + "}")
-    return "[" + ",".join(parts) + "]"
+
+def _dict_rows(result: Result[Any]) -> list[dict[str, Any]]:
+    """The rows of ``result`` as plain dicts (cheaper to read than ``RowMapping``)."""
+    keys = list(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result.all()]
