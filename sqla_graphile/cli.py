@@ -697,6 +697,108 @@ def stats(state: _State) -> None:
     _emit(state, result, human)
 
 
+@main.command()
+@click.option(
+    "--tasks",
+    "tasks_spec",
+    required=True,
+    metavar="MODULE[:ATTR]",
+    help="Importable module (or module:attribute) holding the task handlers.",
+)
+@click.option(
+    "--crontab",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Crontab file in Node graphile-worker's format.",
+)
+@click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--poll-interval", type=DURATION, default="2s", show_default=True)
+@click.option(
+    "--local-queue-size",
+    type=click.IntRange(min=0),
+    help="Jobs fetched ahead per fetch (default: max(100, 4 x concurrency); 0: none).",
+)
+@click.option(
+    "--complete-batch-delay",
+    type=DURATION,
+    help="Collect completions/failures this long before writing them (default 0).",
+)
+@click.option("--once", is_flag=True, help="Run until no job is runnable, then exit.")
+@click.option(
+    "--recovery/--no-recovery",
+    default=False,
+    help="Register, heartbeat and sweep dead workers' jobs (crash recovery).",
+)
+@click.option("--progress-interval", type=DURATION, default="5s", show_default=True)
+@_pass_state
+def run(
+    state: _State,
+    tasks_spec: str,
+    crontab: Path | None,
+    concurrency: int,
+    poll_interval: timedelta,
+    local_queue_size: int | None,
+    complete_batch_delay: timedelta | None,
+    once: bool,
+    recovery: bool,
+    progress_interval: timedelta,
+) -> None:
+    """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully)."""
+    import logging
+    import sys as _sys
+
+    from .cron import CrontabError
+    from .hooks import Hooks
+    from .progress import Progress
+    from .worker import Worker
+
+    if str(Path.cwd()) not in _sys.path:
+        # Task modules are usually the application's own, next to where it is run.
+        _sys.path.insert(0, str(Path.cwd()))
+    handlers = load_tasks(tasks_spec)
+    logging.basicConfig(
+        level=logging.DEBUG if state.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=_sys.stderr,
+    )
+    progress = Progress(interval=progress_interval.total_seconds())
+    hooks = progress.attach(Hooks())
+    options: dict[str, Any] = {}
+    if local_queue_size is not None:
+        options["local_queue_size"] = local_queue_size
+    if complete_batch_delay is not None:
+        options["complete_batch_delay"] = complete_batch_delay.total_seconds()
+    if recovery:
+        options["recovery"] = WorkerRecoveryConfig(enabled=True)
+    try:
+        worker = Worker(
+            state.url(),
+            handlers,
+            schema=state.schema,
+            concurrency=concurrency,
+            poll_interval=poll_interval.total_seconds(),
+            hooks=hooks,
+            crontab=crontab,
+            **options,
+        )
+    except CrontabError as exc:
+        raise click.BadParameter(str(exc), param_hint="--crontab") from None
+    progress.start()
+    try:
+        worker.run_once() if once else worker.run()
+    finally:
+        progress.stop()
+        worker.close()
+    _emit(
+        state,
+        {
+            "completed": progress.completed,
+            "failed": progress.failed,
+            "permanently_failed": progress.permanently_failed,
+        },
+        f"Worker stopped: {progress.line()}.",
+    )
+
+
 def load_tasks(spec: str) -> list[Any]:
     """Import task handlers from ``module`` or ``module:attribute``.
 

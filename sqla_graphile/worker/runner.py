@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .._urls import engine_from_url, normalize_url
 from ..context import CancellationSignal, WorkerContext
+from ..cron import Cron, CronScheduler, CrontabSource, load_crontab
 from ..errors import SchemaNotMigrated, sqlstate_of, translate_db_error
 from ..hooks import (
     UNCHANGED,
@@ -238,6 +239,10 @@ class Worker:
         cancelled and failed.
     ``listen``
         Whether to LISTEN for ``jobs:insert``/``worker:migrate`` (polling alone otherwise).
+    ``crontab``
+        Recurring jobs: crontab text in Node's format, a crontab file (a ``Path``), or
+        :class:`~sqla_graphile.cron.Cron` items. Scheduled beside Node workers sharing the
+        crontab, each minute once between them. Not run by :meth:`run_once`.
     """
 
     def __init__(
@@ -257,6 +262,7 @@ class Worker:
         shutdown_grace_period: float = 5.0,
         listen: bool = True,
         worker_id: str | None = None,
+        crontab: CrontabSource = None,
     ) -> None:
         if not isinstance(bind, (Engine, AsyncEngine, str, URL)):
             raise TypeError(
@@ -285,6 +291,8 @@ class Worker:
         )
         self.shutdown_grace_period = shutdown_grace_period
         self.listen = listen
+        # Parsed now, so a bad crontab fails at construction with its line and field.
+        self.crontab: list[Cron] = load_crontab(crontab)
         self.worker_id = worker_id or f"graphile_worker_{secrets.token_hex(9)}"
         """Our lock id: ``locked_by`` of every job and queue this worker holds."""
         self._sync_engine: Engine | None = bind if isinstance(bind, Engine) else None
@@ -602,6 +610,15 @@ class _Runtime:
             self._background.append(asyncio.create_task(self.listener.run(), name="listener"))
         if not self.once:
             self._background.append(asyncio.create_task(self.sweep_loop(), name="sweep"))
+        if self.worker.crontab and not self.once:
+            scheduler = CronScheduler(
+                self.base_engine, self.worker.crontab, schema=self.worker.schema, hooks=self.hooks
+            )
+            # Cancelled with the other background tasks at shutdown; a minute being
+            # claimed then rolls back and is claimed again by whoever runs next.
+            self._background.append(
+                asyncio.create_task(scheduler.run(asyncio.Event()), name="cron")
+            )
         self.fetcher = asyncio.create_task(self.fetch_loop(), name="sqla_graphile-fetcher")
 
     async def shutdown(self) -> None:
