@@ -1,10 +1,10 @@
-"""Sessions: tests, lint, typecheck, node (the interop fixture)."""
+"""Sessions: tests, lint, typecheck, docs, demo, node (the interop fixture)."""
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
@@ -36,3 +36,18 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
     session.install("-e", ".[test]", "mypy")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation strictly: a broken link or a missing reference fails."""
+    session.install("-e", ".[docs]")
+    site = session.posargs[0] if session.posargs else "site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", site, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's first command: the demo (on DATABASE_URL, else an embedded PostgreSQL)."""
+    session.install("-e", ".[demo]")
+    session.run("graphile-worker", "demo")

@@ -799,6 +799,40 @@ def run(
     )
 
 
+@main.command()
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="Give up if the jobs are not done by then.",
+)
+@_pass_state
+def demo(state: _State, timeout: timedelta) -> None:
+    """Run the main job end to end and show what happened.
+
+    Migrates, writes orders and enqueues their jobs in one transaction (and rolls back
+    another), runs a worker until the jobs are done (one fails once and is retried),
+    and prints progress and a table of what ran. Uses --database-url / DATABASE_URL
+    when given, else an embedded PostgreSQL (pip install 'sqla-graphile[demo]').
+    """
+    from .demo import DemoError, run_demo
+
+    try:
+        result = run_demo(
+            state.database_url,
+            schema=state.schema,
+            out=sys.stderr if state.as_json else sys.stdout,
+            timeout=timeout.total_seconds(),
+        )
+    except DemoError as exc:
+        _fail(state, str(exc), exc)
+    if state.as_json:
+        click.echo(json.dumps(_to_jsonable(result), ensure_ascii=False))
+    if not result.ok:
+        _fail(state, "the demo's jobs did not all complete")
+
+
 def load_tasks(spec: str) -> list[Any]:
     """Import task handlers from ``module`` or ``module:attribute``.
 
