@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import deque
 from collections.abc import Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     ARRAY,
@@ -22,15 +23,25 @@ from sqlalchemy import (
     DateTime,
     Executable,
     Integer,
+    Select,
+    SmallInteger,
     Text,
+    and_,
     bindparam,
+    cast,
     column,
     delete,
     exists,
     func,
+    insert,
+    literal,
+    null,
+    or_,
     select,
     text,
 )
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Result
 from sqlalchemy.sql.functions import Function
 
@@ -40,7 +51,13 @@ from .hooks import Hooks
 from .job import Job
 from .schema import WorkerSchema, worker_schema
 from .specs import CleanupTask, JobKeyMode, JobSpec, RawJobSpec, RescheduleJobOptions
-from .tasks import batch_payload, encode_payload, identifier_of, to_json_value
+from .tasks import (
+    batch_payload,
+    encode_json_value,
+    encode_payload,
+    identifier_of,
+    to_json_value,
+)
 
 __all__ = ["ANALYZE_THRESHOLD", "KEY_RACE_RETRIES", "Op", "Operations", "Request"]
 
@@ -83,12 +100,19 @@ class _Statements:
                 job_key_mode=bindparam("job_key_mode", type_=Text),
             )
         )
-        self.add_jobs = rows(
-            fn.add_jobs(
-                fn.specs_from_json(bindparam("specs", type_=Text)),
-                bindparam("preserve_run_at", type_=Boolean),
-            )
-        )
+        # add_jobs' payloads as the stored text: the rows are matched back to their specs
+        # by it, and decoded once.
+        calls = fn.add_jobs(
+            fn.specs_from_json(bindparam("specs", type_=Text)),
+            bindparam("preserve_run_at", type_=Boolean),
+        ).table_valued(*self.row_columns, name="job")
+        self.add_jobs_text = select(
+            *(cast(c, Text).label(c.name) if c.name == "payload" else c for c in calls.c)
+        ).select_from(calls)
+        # The fast path of unkeyed jobs whose task (and queue) ids are known.
+        self.insert_job = _insert_one(schema, queued=False)
+        self.insert_queued_job = _insert_one(schema, queued=True)
+        self.insert_jobs = _insert_many(schema)
         self.remove_job = rows(fn.remove_job(bindparam("job_key", type_=Text)))
         ids = bindparam("ids", type_=ARRAY(BigInteger))
         self.complete_jobs = rows(fn.complete_jobs(ids))
@@ -135,6 +159,156 @@ class _Statements:
         ).bindparams(bindparam("names", type_=ARRAY(Text)))
 
 
+_JOB_COLUMNS = ("job_queue_id", "task_id", "payload", "priority", "run_at", "max_attempts", "flags")
+
+
+def _notification(count: Any) -> Any:
+    """Node's ``jobs:insert`` notification for ``count`` new jobs, delivered at commit."""
+    message = (
+        literal('{"r":', Text)
+        + cast(func.random(), Text)
+        + literal(',"count":', Text)
+        + cast(count, Text)
+        + literal("}", Text)
+    )
+    return func.pg_notify(literal("jobs:insert", Text), message).label("notified")
+
+
+def _insert_one(schema: WorkerSchema, *, queued: bool) -> Select[Any]:
+    """Insert one unkeyed job as ``add_jobs`` would, given its task (and queue) id.
+
+    The ids come from a cache; joining them with their names guards against a row that
+    was deleted (task GC) or never committed: then nothing is inserted or notified.
+    """
+    jobs, tasks, queues = schema.private_jobs, schema.private_tasks, schema.private_job_queues
+    source: Any = tasks
+    queue_id: Any = cast(null(), Integer)
+    if queued:
+        source = tasks.join(
+            queues,
+            and_(
+                queues.c.id == bindparam("queue_id", type_=Integer),
+                queues.c.queue_name == bindparam("queue_name", type_=Text),
+            ),
+        )
+        queue_id = queues.c.id
+    values = (
+        select(
+            queue_id,
+            tasks.c.id,
+            cast(bindparam("payload", type_=Text), postgresql.JSON),
+            func.coalesce(cast(bindparam("priority", type_=Integer), SmallInteger), 0),
+            func.coalesce(bindparam("run_at", type_=_TIMESTAMPTZ), func.now()),
+            func.coalesce(cast(bindparam("max_attempts", type_=Integer), SmallInteger), 25),
+            cast(bindparam("flags", type_=Text), postgresql.JSONB),
+        )
+        .select_from(source)
+        .where(
+            tasks.c.id == bindparam("task_id", type_=Integer),
+            tasks.c.identifier == bindparam("identifier", type_=Text),
+        )
+    )
+    added = (
+        insert(jobs)
+        .from_select(_JOB_COLUMNS, values)
+        .returning(jobs.c.id, jobs.c.run_at, jobs.c.created_at)
+        .cte("added")
+    )
+    # At most one row: it notifies (count 1) only when it was inserted.
+    return select(
+        added.c.id, added.c.run_at, added.c.created_at, _notification(literal(1, Integer))
+    ).select_from(added)
+
+
+def _insert_many(schema: WorkerSchema) -> Select[Any]:
+    """Insert many unkeyed jobs as ``add_jobs`` would, given their task and queue ids.
+
+    ``targets`` is a JSON array of ``{k, t, i, q, qn}``: a number, a task id and its
+    identifier, a queue id and its name (or nulls). ``jobs`` is a JSON array of
+    ``{o, k, p, pr, ra, ma, f}``: position, target number, payload, priority, run_at,
+    max_attempts, flags object (absent fields are NULL). Each target is checked once
+    against its rows; jobs of a target that fails the check are not inserted. Rows are
+    inserted in ``o`` order, so ids ascend with the positions. Returns one row: the ids,
+    run_ats, created_at, task ids and queue ids, the arrays in id order.
+    """
+    jobs, tasks, queues = schema.private_jobs, schema.private_tasks, schema.private_job_queues
+    targets = (
+        func.json_to_recordset(cast(bindparam("targets", type_=Text), postgresql.JSON))
+        .table_valued(
+            column("k", Integer),
+            column("t", Integer),
+            column("i", Text),
+            column("q", Integer),
+            column("qn", Text),
+        )
+        .render_derived(name="target", with_types=True)
+    )
+    guarded = (
+        select(targets.c.k, tasks.c.id.label("task_id"), queues.c.id.label("queue_id"))
+        .select_from(
+            targets.join(
+                tasks, and_(tasks.c.id == targets.c.t, tasks.c.identifier == targets.c.i)
+            ).outerjoin(
+                queues, and_(queues.c.id == targets.c.q, queues.c.queue_name == targets.c.qn)
+            )
+        )
+        .where(or_(targets.c.q.is_(None), queues.c.id.is_not(None)))
+        .cte("guarded")
+        .prefix_with("MATERIALIZED")
+    )
+    spec = (
+        func.json_to_recordset(cast(bindparam("jobs", type_=Text), postgresql.JSON))
+        .table_valued(
+            column("o", Integer),
+            column("k", Integer),
+            column("p", postgresql.JSON),
+            column("pr", SmallInteger),
+            column("ra", _TIMESTAMPTZ),
+            column("ma", SmallInteger),
+            column("f", postgresql.JSONB),
+        )
+        .render_derived(name="spec", with_types=True)
+    )
+    values = (
+        select(
+            guarded.c.queue_id,
+            guarded.c.task_id,
+            spec.c.p,
+            func.coalesce(spec.c.pr, 0),
+            func.coalesce(spec.c.ra, func.now()),
+            func.coalesce(spec.c.ma, 25),
+            spec.c.f,
+        )
+        .select_from(spec.join(guarded, guarded.c.k == spec.c.k))
+        .order_by(spec.c.o)
+    )
+    added = (
+        insert(jobs)
+        .from_select(_JOB_COLUMNS, values)
+        .returning(jobs.c.id, jobs.c.run_at, jobs.c.created_at, jobs.c.task_id, jobs.c.job_queue_id)
+        .cte("added")
+    )
+    # One row of arrays in id order (no row when nothing was inserted, and then no
+    # notification): far fewer objects for the driver and the caller to build.
+    count = func.count()
+
+    def in_id_order(col: Any) -> Any:
+        return func.array_agg(aggregate_order_by(col, added.c.id), type_=ARRAY(col.type))
+
+    return (
+        select(
+            in_id_order(added.c.id),
+            in_id_order(added.c.run_at),
+            func.min(added.c.created_at),
+            in_id_order(added.c.task_id),
+            in_id_order(added.c.job_queue_id),
+            _notification(count),
+        )
+        .select_from(added)
+        .having(count > 0)
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def statements(schema: str) -> _Statements:
     """The statements of the worker schema called ``schema``."""
@@ -143,14 +317,32 @@ def statements(schema: str) -> _Statements:
 
 @dataclass
 class NameCache:
-    """Task and queue names by id.
+    """Task and queue names by id, and ids by name.
 
     Ids are identity values, never reused, so a name once known for an id stays right
-    for the life of the database.
+    for the life of the database. The other way round, a name's id can go stale (its row
+    deleted by a cleanup, or its insert rolled back): the statements that use an id from
+    here check it against its name and report when it is gone.
     """
 
     tasks: dict[int, str] = field(default_factory=dict)
     queues: dict[int, str] = field(default_factory=dict)
+    task_ids: dict[str, int] = field(default_factory=dict)
+    queue_ids: dict[str, int] = field(default_factory=dict)
+
+    def learn_task(self, task_id: int, identifier: str) -> None:
+        self.tasks[task_id] = identifier
+        self.task_ids[identifier] = task_id
+
+    def learn_queue(self, queue_id: int, queue_name: str) -> None:
+        self.queues[queue_id] = queue_name
+        self.queue_ids[queue_name] = queue_id
+
+    def forget(self, identifier: str, queue_name: str | None) -> None:
+        """Drop the ids of a name whose row turned out to be gone."""
+        self.task_ids.pop(identifier, None)
+        if queue_name is not None:
+            self.queue_ids.pop(queue_name, None)
 
 
 def _spec_params(identifier: str, payload_json: str, spec: JobSpec) -> dict[str, Any]:
@@ -196,7 +388,7 @@ class Operations:
         value = to_json_value(payload)
         if self.hooks:
             value = self.hooks.schedule(identifier, value, spec)
-        return encode_payload(value)
+        return encode_json_value(value)
 
     # -- reading rows back as Jobs ------------------------------------------------
 
@@ -206,26 +398,29 @@ class Operations:
         task_hint: Mapping[int, str] | None = None,
         queue_hint: Mapping[int, str] | None = None,
     ) -> Op[list[Job]]:
-        if task_hint:
-            self.names.tasks.update(task_hint)
-        if queue_hint:
-            self.names.queues.update(queue_hint)
-        missing_tasks = {r["task_id"] for r in rows} - self.names.tasks.keys()
+        names = self.names
+        for task_id, identifier in (task_hint or {}).items():
+            names.learn_task(task_id, identifier)
+        for queue_id, queue_name in (queue_hint or {}).items():
+            names.learn_queue(queue_id, queue_name)
+        missing_tasks = {r["task_id"] for r in rows} - names.tasks.keys()
         if missing_tasks:
             result = yield self.sql.task_names, {"ids": sorted(missing_tasks)}
-            self.names.tasks.update({m["id"]: m["identifier"] for m in result.mappings()})
+            for task_id, identifier in _pairs(result):
+                names.learn_task(task_id, identifier)
         queue_ids = {r["job_queue_id"] for r in rows if r["job_queue_id"] is not None}
-        missing_queues = queue_ids - self.names.queues.keys()
+        missing_queues = queue_ids - names.queues.keys()
         if missing_queues:
             result = yield self.sql.queue_names, {"ids": sorted(missing_queues)}
-            self.names.queues.update({m["id"]: m["queue_name"] for m in result.mappings()})
+            for queue_id, queue_name in _pairs(result):
+                names.learn_queue(queue_id, queue_name)
         return [
             Job.from_row(
                 row,
                 # A task row deleted meanwhile (GC) leaves the name unknown: "".
-                task_identifier=self.names.tasks.get(row["task_id"], ""),
+                task_identifier=names.tasks.get(row["task_id"], ""),
                 queue_name=(
-                    self.names.queues.get(row["job_queue_id"])
+                    names.queues.get(row["job_queue_id"])
                     if row["job_queue_id"] is not None
                     else None
                 ),
@@ -243,6 +438,30 @@ class Operations:
         if len(values) == 1 and len(ids) == 1:
             return {ids.pop(): values.pop()}
         return {}
+
+    def _known_ids(self, identifier: str, spec: JobSpec) -> tuple[int, int | None] | None:
+        """The cached task and queue ids of an unkeyed job the fast path can insert.
+
+        ``None`` sends the job through the SQL functions: keyed jobs (their upsert rules
+        live there), names not seen yet, and option values of unusual types, whose
+        conversion is left to the functions' own casts.
+        """
+        if spec.job_key is not None or type(identifier) is not str:
+            return None
+        task_id = self.names.task_ids.get(identifier)
+        if task_id is None:
+            return None
+        queue_name = spec.queue_name
+        queue_id = None
+        if queue_name is not None:
+            if type(queue_name) is not str:
+                return None
+            queue_id = self.names.queue_ids.get(queue_name)
+            if queue_id is None:
+                return None
+        if not _plain_options(spec):
+            return None
+        return task_id, queue_id
 
     # -- adding jobs --------------------------------------------------------------
 
@@ -271,6 +490,40 @@ class Operations:
         return (yield from self._insert_one(identifier, encode_payload(payload), spec))
 
     def _insert_one(self, identifier: str, payload_json: str, spec: JobSpec) -> Op[Job]:
+        known = self._known_ids(identifier, spec)
+        if known is not None:
+            task_id, queue_id = known
+            flags = _flags_json(spec.flags)
+            params = {
+                "task_id": task_id,
+                "identifier": identifier,
+                "payload": payload_json,
+                "priority": spec.priority,
+                "run_at": spec.run_at,
+                "max_attempts": spec.max_attempts,
+                "flags": flags,
+            }
+            statement = self.sql.insert_job
+            if queue_id is not None:
+                params["queue_id"] = queue_id
+                params["queue_name"] = spec.queue_name
+                statement = self.sql.insert_queued_job
+            result = yield statement, params
+            inserted: Sequence[Any] | None = result.first()
+            if inserted is not None:
+                return _inserted_job(
+                    inserted[0],
+                    inserted[1],
+                    inserted[2],
+                    identifier,
+                    json.loads(payload_json),
+                    spec,
+                    task_id,
+                    queue_id,
+                )
+            # The task or queue row is gone (deleted by a cleanup, or its creation rolled
+            # back): nothing was inserted or notified; the SQL function creates it anew.
+            self.names.forget(identifier, spec.queue_name)
         params = _spec_params(identifier, payload_json, spec)
         for _ in range(KEY_RACE_RETRIES):
             result = yield self.sql.add_job, params
@@ -304,16 +557,96 @@ class Operations:
                 "add such jobs one at a time with add_job"
             )
         preserve = JobKeyMode.PRESERVE_RUN_AT.value in modes
-        # Each spec is encoded once (hooks and payload encoding run for every job before
-        # anything is written); a retry resends only the pending ones.
-        encoded: list[str] = []
-        keys: list[str | None] = []
-        identifiers: set[Any] = set()
-        queue_names: set[Any] = set()
-        plain_tails: dict[str, str] = {}  # per identifier, for specs setting no option
+        # Hooks and payload encoding run for every job before anything is written.
+        texts = [self._prepare(job.identifier, job.payload, job.spec) for job in jobs]
+        targets = self._targets(jobs)
+        if targets is not None:
+            added = yield from self._insert_many(jobs, texts, targets)
+        else:
+            # One statement for the whole batch, like Node's: one notification, and every
+            # key rule applied at once. It also teaches the cache the new names' ids.
+            added = yield from self._add_jobs_sql(jobs, texts, preserve)
+        if len(jobs) >= ANALYZE_THRESHOLD:
+            yield self.sql.analyze, {}
+        return added
+
+    def _targets(self, jobs: Sequence[RawJobSpec]) -> _Targets | None:
+        """For the fast path: each job's target number, and the targets' (task, queue) ids.
+
+        ``None`` when any job must go through the SQL function.
+        """
+        numbers: list[int] = []
+        targets: list[tuple[int, int | None]] = []
+        described: list[dict[str, Any]] = []
+        known: dict[tuple[int, int | None], int] = {}
         for job in jobs:
+            ids = self._known_ids(job.identifier, job.spec)
+            if ids is None:
+                return None
+            number = known.get(ids)
+            if number is None:
+                number = known[ids] = len(targets)
+                targets.append(ids)
+                names = {"i": job.identifier, "qn": job.spec.queue_name}
+                described.append({"k": number, "t": ids[0], "q": ids[1], **names})
+            numbers.append(number)
+        return _Targets(numbers, targets, json.dumps(described))
+
+    def _insert_many(
+        self, jobs: Sequence[RawJobSpec], texts: list[str], targets: _Targets
+    ) -> Op[list[Job]]:
+        """The fast path of a batch: one INSERT of jobs whose ids are all cached."""
+        numbers = targets.numbers
+        elements = [
+            f'{{"o":{position},"k":{number},"p":{payload}{_options_json(job.spec)}}}'
+            for position, (job, payload, number) in enumerate(
+                zip(jobs, texts, numbers, strict=True)
+            )
+        ]
+        result = yield (
+            self.sql.insert_jobs,
+            {"targets": targets.described, "jobs": "[" + ",".join(elements) + "]"},
+        )
+        # No row at all when nothing was inserted.
+        row: Sequence[Any] = result.first() or ([], [], None, [], [])
+        ids, run_ats, created_at, task_ids, queue_ids = row[:5]
+        inserted: Sequence[int] = range(len(jobs))
+        missing: list[int] = []
+        if len(ids) != len(jobs):
+            # Jobs of a task or queue whose row is gone were left out, all of them: the
+            # (task, queue) pairs that came back tell which.
+            present = set(zip(task_ids, queue_ids, strict=True))
+            gone = {k for k, ids_ in enumerate(targets.ids) if ids_ not in present}
+            inserted = [i for i, number in enumerate(numbers) if number not in gone]
+            missing = [i for i, number in enumerate(numbers) if number in gone]
+        # The payloads as stored: the text sent, decoded in one go.
+        payloads = json.loads("[" + ",".join(texts) + "]")
+        added: list[Job | None] = [None] * len(jobs)
+        # Ids ascend with the positions (rows are inserted in position order).
+        for i, job_id, run_at in zip(inserted, ids, run_ats, strict=True):
+            job = jobs[i]
+            task_id, queue_id = targets.ids[numbers[i]]
+            added[i] = _inserted_job(
+                job_id, run_at, created_at, job.identifier, payloads[i], job.spec, task_id, queue_id
+            )
+        if missing:
+            for i in missing:
+                self.names.forget(jobs[i].identifier, jobs[i].spec.queue_name)
+            again = yield from self._add_jobs_sql(
+                [jobs[i] for i in missing], [texts[i] for i in missing], False
+            )
+            for i, again_job in zip(missing, again, strict=True):
+                added[i] = again_job
+        return added  # type: ignore[return-value]
+
+    def _add_jobs_sql(
+        self, prepared: Sequence[RawJobSpec], texts: Sequence[str], preserve: bool
+    ) -> Op[list[Job]]:
+        """A batch through the ``add_jobs`` SQL function; the jobs in input order."""
+        encoded: list[str] = []
+        plain_tails: dict[str, str] = {}  # per identifier, for specs setting no option
+        for job, payload_json in zip(prepared, texts, strict=True):
             spec = job.spec
-            payload_json = self._prepare(job.identifier, job.payload, spec)
             if (
                 spec.queue_name is None
                 and spec.run_at is None
@@ -328,14 +661,12 @@ class Operations:
             else:
                 tail = _spec_tail(job.identifier, spec)
             encoded.append('{"payload":' + payload_json + "," + tail)
-            keys.append(spec.job_key)
-            identifiers.add(job.identifier)
-            queue_names.add(spec.queue_name)
-        rows: list[Mapping[str, Any]] = []
+        keys = [job.spec.job_key for job in prepared]
+        rows: list[dict[str, Any]] = []
         pending: Sequence[int] = range(len(encoded))
         for _ in range(KEY_RACE_RETRIES):
             result = yield (
-                self.sql.add_jobs,
+                self.sql.add_jobs_text,
                 {
                     "specs": "[" + ",".join([encoded[i] for i in pending]) + "]",
                     "preserve_run_at": preserve,
@@ -356,11 +687,15 @@ class Operations:
                 f"could not add {len(pending)} keyed job(s): their keyed jobs were locked by "
                 f"workers in each of {KEY_RACE_RETRIES} attempts"
             )
-        if len(jobs) >= ANALYZE_THRESHOLD:
-            yield self.sql.analyze, {}
-        task_hint = self._single_hint(rows, "task_id", identifiers)
-        queue_hint = self._single_hint(rows, "job_queue_id", queue_names)
-        return (yield from self._jobs(rows, task_hint, queue_hint))
+        stored = [row["payload"] for row in rows]
+        for row in rows:
+            row["payload"] = json.loads(row["payload"])
+        task_hint = self._single_hint(rows, "task_id", {job.identifier for job in prepared})
+        queue_hint = self._single_hint(
+            rows, "job_queue_id", {job.spec.queue_name for job in prepared}
+        )
+        added = yield from self._jobs(rows, task_hint, queue_hint)
+        return _in_input_order(prepared, texts, added, stored)
 
     # -- administration -----------------------------------------------------------
 
@@ -422,6 +757,144 @@ class Operations:
                 yield self.sql.gc_job_queues, {}
 
 
+class _Targets(NamedTuple):
+    """The distinct (task, queue) pairs of a fast-path batch."""
+
+    numbers: list[int]  # per job, its pair's number
+    ids: list[tuple[int, int | None]]  # per number, the cached task and queue ids
+    described: str  # the pairs with their names, as JSON, for the insert's check
+
+
+def _plain_options(spec: JobSpec) -> bool:
+    """Whether the fast path stores these options exactly as the SQL functions would."""
+    priority, max_attempts, flags = spec.priority, spec.max_attempts, spec.flags
+    return (
+        (priority is None or type(priority) is int)
+        and (max_attempts is None or type(max_attempts) is int)
+        and (flags is None or all(type(flag) is str and "\x00" not in flag for flag in flags))
+    )
+
+
+def _flags_json(flags: Sequence[str] | None) -> str | None:
+    """The ``flags`` column's value, as ``add_jobs`` builds it: ``{flag: true}`` or NULL."""
+    if not flags:
+        return None
+    return encode_json_value(dict.fromkeys(flags, True))
+
+
+def _options_json(spec: JobSpec) -> str:
+    """The options of a fast-path batch element, as JSON members (``""`` for none)."""
+    if (
+        spec.priority is None
+        and spec.run_at is None
+        and spec.max_attempts is None
+        and spec.flags is None
+    ):
+        return ""
+    members = ""
+    if spec.priority is not None:
+        members += f',"pr":{spec.priority}'
+    if spec.run_at is not None:
+        members += f',"ra":"{spec.run_at.isoformat()}"'
+    if spec.max_attempts is not None:
+        members += f',"ma":{spec.max_attempts}'
+    flags = _flags_json(spec.flags)
+    if flags is not None:
+        members += f',"f":{flags}'
+    return members
+
+
+def _inserted_job(
+    job_id: int,
+    run_at: datetime,
+    created_at: datetime,
+    identifier: str,
+    payload: Any,
+    spec: JobSpec,
+    task_id: int,
+    queue_id: int | None,
+) -> Job:
+    """The ``Job`` of a fast-path insert: the database's id and times, the rest as sent."""
+    return Job(
+        id=job_id,
+        queue_name=spec.queue_name,
+        task_identifier=identifier,
+        payload=payload,
+        priority=0 if spec.priority is None else spec.priority,
+        run_at=run_at,
+        attempts=0,
+        max_attempts=25 if spec.max_attempts is None else spec.max_attempts,
+        last_error=None,
+        created_at=created_at,
+        updated_at=created_at,  # both now()
+        key=None,
+        locked_at=None,
+        locked_by=None,
+        revision=0,
+        flags=frozenset(spec.flags) if spec.flags else None,
+        task_id=task_id,
+        job_queue_id=queue_id,
+    )
+
+
+def _in_input_order(
+    prepared: Sequence[RawJobSpec], texts: Sequence[str], jobs: list[Job], stored: list[str]
+) -> list[Job]:
+    """``jobs`` (rows of one ``add_jobs`` call) reordered to match ``prepared``.
+
+    SQL returns the rows in no particular order. A keyed row belongs to the spec of its
+    key (keys are unique in a batch); an unkeyed row to a spec with the same task, queue,
+    stored payload text and options. Specs alike in all of these get rows alike in all
+    but their ids, taken in id order.
+    """
+    placed: list[Job | None] = [None] * len(prepared)
+    by_key: dict[str, int] = {}
+    alike: dict[tuple[Any, ...], deque[int]] = {}
+    # Unkeyed rows are all inserted, at the statement's now(): their run_at when unset.
+    now = next((job.created_at for job in jobs if job.key is None), None)
+    for i, job in enumerate(prepared):
+        spec = job.spec
+        if spec.job_key is not None:
+            by_key[spec.job_key] = i
+            continue
+        signature = (
+            job.identifier,
+            spec.queue_name,
+            texts[i],
+            0 if spec.priority is None else spec.priority,
+            25 if spec.max_attempts is None else spec.max_attempts,
+            frozenset(spec.flags) if spec.flags else None,
+            now if spec.run_at is None else spec.run_at,
+        )
+        alike.setdefault(signature, deque()).append(i)
+    unmatched: list[Job] = []
+    for j in sorted(range(len(jobs)), key=lambda j: jobs[j].id):
+        row = jobs[j]
+        if row.key is not None and row.key in by_key:
+            placed[by_key.pop(row.key)] = row
+            continue
+        signature = (
+            row.task_identifier,
+            row.queue_name,
+            stored[j],
+            row.priority,
+            row.max_attempts,
+            row.flags,
+            row.run_at,
+        )
+        waiting = alike.get(signature)
+        if waiting:
+            placed[waiting.popleft()] = row
+        else:
+            unmatched.append(row)
+    # Defensive: a row no spec claims (it cannot happen with the functions of this
+    # schema) takes the first free place rather than being lost.
+    free = (i for i, job in enumerate(placed) if job is None)
+    for row in unmatched:
+        placed[next(free)] = row
+    return [job for job in placed if job is not None]
+
+
 def _spec_tail(identifier: str, spec: JobSpec) -> str:
     """A ``job_spec`` JSON object without its opening brace and payload.
 
@@ -442,6 +915,12 @@ def _spec_tail(identifier: str, spec: JobSpec) -> str:
     if spec.flags is not None:
         fields["flags"] = list(spec.flags)
     return json.dumps(fields)[1:]
+
+
+def _pairs(result: Result[Any]) -> list[tuple[Any, Any]]:
+    """The rows of a two-column result as plain tuples."""
+    rows: list[Sequence[Any]] = list(result.all())
+    return [(row[0], row[1]) for row in rows]
 
 
 def _one_row(result: Result[Any]) -> dict[str, Any]:

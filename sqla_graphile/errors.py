@@ -13,6 +13,7 @@ __all__ = [
     "DatabaseNewerThanLibrary",
     "DuplicateJobKeyInBatch",
     "GraphileWorkerError",
+    "InvalidCharacter",
     "InvalidJobKey",
     "InvalidJobKeyMode",
     "InvalidJobSpec",
@@ -117,6 +118,10 @@ class InvalidJobKey(InvalidJobSpec):
     """A job key is empty or longer than 512 characters."""
 
 
+class InvalidCharacter(InvalidJobSpec):
+    """A text value holds a character PostgreSQL cannot store: NUL or a lone surrogate."""
+
+
 class InvalidMaxAttempts(InvalidJobSpec):
     """``max_attempts`` is below 1."""
 
@@ -173,15 +178,40 @@ def _constraint_of(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def translate_db_error(exc: BaseException, *, schema: str) -> GraphileWorkerError | None:
+def translate_db_error(
+    exc: BaseException, *, schema: str, in_transaction: bool = False
+) -> GraphileWorkerError | None:
     """Map a database error raised by a worker statement to a named exception, if one fits.
 
     Returns ``None`` when the error is not one this library names; the caller re-raises
-    the original then.
+    the original then. With ``in_transaction`` (the statement ran in the caller's own
+    transaction, without a savepoint), an error the server raised says that the
+    transaction is aborted: PostgreSQL answers a later COMMIT with a silent rollback.
     """
+    named = _translate(exc, schema)
+    if named is not None and in_transaction and sqlstate_of(exc) is not None:
+        named.args = (
+            f"{named}; the enclosing transaction is aborted and will only roll back "
+            "(use savepoint=True to keep it usable)",
+        )
+    return named
+
+
+def _translate(exc: BaseException, schema: str) -> GraphileWorkerError | None:
+    if isinstance(exc, UnicodeEncodeError):
+        return InvalidCharacter(f"a text value cannot be encoded as UTF-8 ({exc})")
     state = sqlstate_of(exc)
     first_line = str(getattr(exc, "orig", exc)).strip().splitlines()[0:1]
     detail = first_line[0] if first_line else type(exc).__name__
+    if (
+        (state is None and "NUL (0x00)" in detail)
+        or state == "22P05"
+        or (state == "22P02" and "surrogate" in str(exc))
+    ):
+        return InvalidCharacter(
+            f"a text value holds a character PostgreSQL cannot store, such as NUL or a lone "
+            f"surrogate ({detail})"
+        )
     if state == "GWBKM":
         return InvalidJobKeyMode(
             "invalid job_key_mode: expected 'replace', 'preserve_run_at' or 'unsafe_dedupe'"

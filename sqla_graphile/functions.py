@@ -27,8 +27,8 @@ from typing import Any
 
 from sqlalchemy import ARRAY, BigInteger, Boolean, Integer, Text, cast, literal, null
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import ColumnElement
-from sqlalchemy.sql.elements import quoted_name
 from sqlalchemy.sql.functions import Function
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import DateTime, NullType
@@ -38,6 +38,27 @@ from .schema import DEFAULT_SCHEMA, WorkerSchema, worker_schema
 __all__ = ["WorkerFunctions", "worker_functions"]
 
 _Arg = Any  # a Python value or any SQL expression
+
+
+class _WorkerFunction(Function[Any]):
+    """A function of the worker schema, always called as ``"schema"."name"(...)``."""
+
+    inherit_cache = True
+
+
+@compiles(_WorkerFunction)
+def _compile_worker_function(element: _WorkerFunction, compiler: Any, **kw: Any) -> str:
+    # SQLAlchemy quotes a function's schema prefix only when it holds characters outside
+    # [A-Za-z0-9_$]: a mixed-case name would be folded to lower case (another schema),
+    # and names such as "$$x" or reserved words would not parse. Here the prefix gets the
+    # full rules of a schema name (case, reserved words, first character), applied by the
+    # compiling dialect's preparer, which also escapes "%" as its paramstyle needs.
+    preparer = compiler.preparer
+    (schema,) = element.packagenames
+    return (
+        f"{preparer.quote(schema)}.{preparer.quote_identifier(element.name)}"
+        f"{compiler.function_argspec(element, **kw)}"
+    )
 
 
 def _arg(value: _Arg, type_: Any) -> ColumnElement[Any]:
@@ -61,16 +82,7 @@ class WorkerFunctions:
         self._row_type = schema.private_jobs
 
     def _call(self, name: str, *args: ColumnElement[Any], type_: Any = None) -> Function[Any]:
-        # A quoted_name makes SQLAlchemy quote the schema prefix as well, so any schema
-        # name (mixed case, spaces, quotes) reaches SQL as a proper identifier. The
-        # compiler joins prefix and name with %-formatting, which consumes one level of
-        # "%" escaping whatever the driver's paramstyle, hence the doubled "%" here.
-        return Function(
-            quoted_name(name, quote=True),
-            *args,
-            packagenames=(self.schema.name.replace("%", "%%"),),
-            type_=type_,
-        )
+        return _WorkerFunction(name, *args, packagenames=(self.schema.name,), type_=type_)
 
     def add_job(
         self,

@@ -64,6 +64,7 @@ __all__ = [
     "JobRunDecision",
     "ScheduleDecision",
     "Skip",
+    "WorkerRecoveredEvent",
     "WorkerStartEvent",
     "WorkerStopEvent",
 ]
@@ -156,6 +157,27 @@ class WorkerStopEvent:
     worker_id: str
     reason: str
     error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class WorkerRecoveredEvent:
+    """``worker_recovered``: a worker's sweep recovered the locks of dead workers.
+
+    ``dead_worker_ids`` are the registered workers whose heartbeat had stopped, then the
+    unregistered holders whose locks were past Node's 4-hour expiry; ``job_ids`` and
+    ``queue_names`` what was unlocked.
+    """
+
+    worker_id: str
+    """The worker whose sweep did the recovery."""
+    dead_worker_ids: tuple[str, ...]
+    job_ids: tuple[int, ...]
+    queue_names: tuple[str, ...]
+
+    @property
+    def jobs_recovered(self) -> int:
+        """Number of jobs unlocked."""
+        return len(self.job_ids)
 
 
 @dataclass(frozen=True)

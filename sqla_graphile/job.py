@@ -10,12 +10,15 @@ from typing import Any
 __all__ = ["Job"]
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass pays one object.__setattr__ per field on construction,
+# and jobs are built by the thousand when adding in batches.
+@dataclass(slots=True)
 class Job:
     """A job: every column of the ``jobs`` view, plus its payload and internal ids.
 
     Timestamps are timezone-aware. ``flags`` is the set of the job's flags (the database
-    stores them as a JSON object whose keys are the flags).
+    stores them as a JSON object whose keys are the flags). A ``Job`` is a snapshot of
+    the row when it was read; changing its fields changes nothing in the database.
     """
 
     id: int

@@ -109,6 +109,13 @@ class SweepStaleWorkersOptions:
     recovery_delay: timedelta | None = None
     dry_run: bool = False
 
+    def __post_init__(self) -> None:
+        # A zero or negative threshold would judge every live worker dead.
+        if self.sweep_threshold is not None and self.sweep_threshold <= timedelta(0):
+            raise ValueError("SweepStaleWorkersOptions.sweep_threshold must be positive")
+        if self.recovery_delay is not None and self.recovery_delay < timedelta(0):
+            raise ValueError("SweepStaleWorkersOptions.recovery_delay must not be negative")
+
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -183,10 +190,14 @@ class RecoveryStatements:
             (workers.c.last_heartbeat_at < now - threshold).label("is_stale"),
             (now - workers.c.last_heartbeat_at).label("heartbeat_age"),
         ).order_by(workers.c.last_heartbeat_at.desc(), workers.c.worker_id)
+        # FOR UPDATE: a heartbeat in flight makes the sweep wait and re-check the row
+        # (the worker is alive after all), and a heartbeat arriving after the row is
+        # judged waits for the sweep, then finds the row gone and re-registers loudly.
         self.dead_workers = (
             select(workers.c.worker_id)
             .where(workers.c.last_heartbeat_at < now - threshold)
             .order_by(workers.c.worker_id)
+            .with_for_update(of=workers)
         )
 
         registered = exists().where(workers.c.worker_id == jobs.c.locked_by)
@@ -256,7 +267,18 @@ class RecoveryStatements:
             # True when the row was inserted: on a heartbeat, a sweep had removed it.
             literal_column("(xmax = 0)", Boolean).label("inserted")
         )
-        self.deregister = delete(workers).where(workers.c.worker_id == worker_id)
+        # A worker leaving with locks still held (outcomes it could not write) keeps its
+        # row: the row goes stale and a sweep recovers those jobs after the threshold,
+        # instead of after Node's 4 hours as for an unregistered holder.
+        self.deregister = (
+            delete(workers)
+            .where(
+                workers.c.worker_id == worker_id,
+                ~exists().where(jobs.c.locked_by == worker_id),
+                ~exists().where(queues.c.locked_by == worker_id),
+            )
+            .returning(workers.c.worker_id)
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -295,7 +317,9 @@ def sweep_op(
 ) -> Op[SweepResult]:
     """Recover the jobs of dead workers (see the module's documentation)."""
     sql = recovery_statements(schema)
-    threshold = options.sweep_threshold or config.sweep_threshold
+    threshold = (
+        options.sweep_threshold if options.sweep_threshold is not None else config.sweep_threshold
+    )
     delay = options.recovery_delay if options.recovery_delay is not None else config.recovery_delay
     got_lock = (yield sql.sweep_lock, {}).scalar()
     if not got_lock:
@@ -330,6 +354,11 @@ def heartbeat_op(schema: str, worker_id: str, metadata: Mapping[str, Any] | None
     return bool(result.scalar())
 
 
-def deregister_op(schema: str, worker_id: str) -> Op[None]:
-    """Remove ``worker_id``'s registry row (clean exit)."""
-    yield recovery_statements(schema).deregister, {"worker_id": worker_id}
+def deregister_op(schema: str, worker_id: str) -> Op[bool]:
+    """Remove ``worker_id``'s registry row on a clean exit; True when it was removed.
+
+    The row stays while ``worker_id`` still holds a job or queue lock, so that a sweep
+    recovers those once the row is stale.
+    """
+    result = yield recovery_statements(schema).deregister, {"worker_id": worker_id}
+    return result.first() is not None

@@ -72,14 +72,26 @@ _PG_DIALECT = postgresql.dialect(paramstyle="named")  # type: ignore[no-untyped-
 def validate_schema_name(name: str) -> str:
     """Return ``name`` if PostgreSQL can hold it as a schema name, else raise.
 
-    Any characters are allowed (the name is always quoted); empty names, NUL bytes and
-    names over 63 bytes are refused with :class:`~sqla_graphile.errors.InvalidSchemaName`.
+    Any characters are allowed (the name is always quoted); empty names, NUL bytes, lone
+    surrogates, the reserved ``pg_`` prefix and names over 63 bytes are refused with
+    :class:`~sqla_graphile.errors.InvalidSchemaName`.
     """
     if not isinstance(name, str) or not name:
         raise InvalidSchemaName("the worker schema name must be a non-empty string")
     if "\x00" in name:
         raise InvalidSchemaName("the worker schema name must not contain NUL bytes")
-    if len(name.encode("utf-8")) > _MAX_IDENTIFIER_BYTES:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidSchemaName(
+            "the worker schema name must be valid Unicode (it holds a lone surrogate)"
+        ) from None
+    if name.startswith("pg_"):
+        raise InvalidSchemaName(
+            f"the worker schema name {name[:20]!r} starts with 'pg_', which PostgreSQL "
+            "reserves for system schemas"
+        )
+    if size > _MAX_IDENTIFIER_BYTES:
         raise InvalidSchemaName(
             f"the worker schema name {name[:20]!r}… is longer than PostgreSQL's "
             f"{_MAX_IDENTIFIER_BYTES}-byte identifier limit"

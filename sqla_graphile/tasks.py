@@ -22,6 +22,7 @@ import datetime as _dt
 import decimal
 import enum
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -36,6 +37,7 @@ __all__ = [
     "FunctionTask",
     "TaskHandler",
     "decode_payload",
+    "encode_json_value",
     "encode_payload",
     "task",
     "to_json_value",
@@ -45,8 +47,13 @@ _T = TypeVar("_T")
 _B = TypeVar("_B", bound="BatchTaskHandler")
 
 
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
+
+
 def to_json_value(value: Any) -> Any:
     """Turn a payload object (dataclass, pydantic model, or JSON value) into JSON data."""
+    if type(value) in _PLAIN:  # the common case, without attribute probing
+        return value
     dump = getattr(value, "model_dump", None)
     if callable(dump):  # pydantic v2
         return dump(mode="json")
@@ -72,6 +79,15 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(
+    default=_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+# A NUL character is encoded as \u0000 preceded by an even number of backslashes; with an
+# odd number the backslash is a literal one (the text "\\u0000").
+_REAL_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def encode_payload(value: Any) -> str:
     """Encode a payload as compact JSON text (as Node's ``JSON.stringify`` does).
 
@@ -79,19 +95,18 @@ def encode_payload(value: Any) -> str:
     infinities, NUL characters, which PostgreSQL cannot store) raise
     :class:`~sqla_graphile.errors.PayloadNotSerializable` before anything is written.
     """
+    return encode_json_value(to_json_value(value))
+
+
+def encode_json_value(value: Any) -> str:
+    """:func:`encode_payload` for a value :func:`to_json_value` has already converted."""
     if value is None:
         return "{}"
     try:
-        text = json.dumps(
-            to_json_value(value),
-            default=_default,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        )
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadNotSerializable(f"the payload cannot be encoded as JSON: {exc}") from exc
-    if "\\u0000" in text:
+    if "\\u0000" in text and _REAL_NUL.search(text):
         raise PayloadNotSerializable("the payload contains a NUL character (\\u0000)")
     return text
 

@@ -87,8 +87,9 @@ class _UtilsBase:
         self.ops = Operations(self.schema, hooks, self._names, self.known_identifiers)
         self.bind = bind
 
-    def _translate(self, exc: DBAPIError) -> Exception:
-        return translate_db_error(exc, schema=self.schema) or exc
+    def _translate(self, exc: Exception) -> Exception:
+        in_transaction = not self.savepoint and not isinstance(self.bind, (Engine, AsyncEngine))
+        return translate_db_error(exc, schema=self.schema, in_transaction=in_transaction) or exc
 
 
 class WorkerUtils(_UtilsBase):
@@ -174,7 +175,7 @@ class WorkerUtils(_UtilsBase):
                         request = op.send(result)
                     except StopIteration as stop:
                         return stop.value  # type: ignore[no-any-return]
-        except DBAPIError as exc:
+        except (DBAPIError, UnicodeEncodeError) as exc:
             translated = self._translate(exc)
             if translated is exc:
                 raise
@@ -362,7 +363,7 @@ class AsyncWorkerUtils(_UtilsBase):
                         request = op.send(result)
                     except StopIteration as stop:
                         return stop.value  # type: ignore[no-any-return]
-        except DBAPIError as exc:
+        except (DBAPIError, UnicodeEncodeError) as exc:
             translated = self._translate(exc)
             if translated is exc:
                 raise

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from worker_fixtures import await_for, execute, rows, running, utils_fixture  # noqa: F401
 
 from sqla_graphile import (
@@ -16,7 +18,9 @@ from sqla_graphile import (
     Fail,
     Hooks,
     JobSpec,
+    RawJobSpec,
     Skip,
+    TaskHandler,
     Worker,
     WorkerContext,
     WorkerUtils,
@@ -332,3 +336,107 @@ async def test_shutdown_cancels_after_grace_and_fails_what_still_runs(
     for row in errors.values():
         assert row["locked_by"] is None and row["attempts"] == 1
         assert row["run_at"] > row["created_at"]  # backoff applied
+
+
+async def test_def_handlers_and_their_coroutines_never_exceed_the_concurrency(
+    engine: Engine, schema: str, utils: WorkerUtils
+) -> None:
+    lock = threading.Lock()
+    running_now = [0]
+    peak = [0]
+
+    def enter() -> None:
+        with lock:
+            running_now[0] += 1
+            peak[0] = max(peak[0], running_now[0])
+
+    def leave() -> None:
+        with lock:
+            running_now[0] -= 1
+
+    @task("short")
+    def short(payload: Any, ctx: WorkerContext) -> None:
+        enter()
+        threading.Event().wait(0.002)
+        leave()
+        done.append("short")
+
+    @task("returns_coroutine")
+    def returns_coroutine(payload: Any, ctx: WorkerContext) -> Any:
+        enter()
+
+        async def rest() -> None:
+            try:
+                await asyncio.sleep(0.01)
+            finally:
+                leave()
+            done.append("coroutine")
+
+        return rest()
+
+    utils.add_raw_jobs(
+        [RawJobSpec("short", {}) for _ in range(60)]
+        + [RawJobSpec("returns_coroutine", {}) for _ in range(20)]
+    )
+    worker = Worker(engine, [short, returns_coroutine], schema=schema, concurrency=3)
+    await worker.run_once_async()
+    assert sorted(done) == ["coroutine"] * 20 + ["short"] * 60
+    assert 1 <= peak[0] <= 3
+    assert not rows(engine, schema)
+
+
+async def test_coroutine_returned_by_a_def_is_cancelled_after_the_grace_period(
+    engine: Engine, schema: str, utils: WorkerUtils
+) -> None:
+    @task("returns_forever")
+    def returns_forever(payload: Any, ctx: WorkerContext) -> Any:
+        done.append("started")
+        return asyncio.sleep(60)
+
+    utils.add_raw_job("returns_forever", {})
+    worker = Worker(
+        engine, [returns_forever], schema=schema, shutdown_grace_period=0.2, poll_interval=60.0
+    )
+    async with running(worker):
+        await await_for(lambda: done == ["started"], what="the job")
+    [row] = rows(engine, schema)
+    assert row["last_error"] == "Worker shutdown: job cancelled after the 0.2 s grace period"
+    assert row["locked_by"] is None and row["attempts"] == 1
+
+
+@dataclass
+class StrictAsync(TaskHandler):
+    IDENTIFIER: ClassVar[str] = "strict_async"
+    a: int
+
+    async def run(self, ctx: WorkerContext) -> None:
+        pass
+
+
+async def test_a_full_local_queue_of_undecodable_payloads_fails_job_by_job(
+    engine: Engine, schema: str, utils: WorkerUtils
+) -> None:
+    # Each job fails before its handler starts; they must not pile up on each other.
+    utils.add_raw_jobs([RawJobSpec("strict_async", {"b": n}) for n in range(600)])
+    worker = Worker(engine, [StrictAsync], schema=schema, local_queue_size=600)
+    await worker.run_once_async()
+    left = rows(engine, schema)
+    assert len(left) == 600
+    assert all(r["last_error"].startswith("TypeError:") and r["attempts"] == 1 for r in left)
+
+
+async def test_worker_works_through_a_one_connection_pool(
+    engine: Engine, schema: str, utils: WorkerUtils
+) -> None:
+    # Too small to lend the fetcher and writers connections of their own.
+    async_engine = create_async_engine(
+        engine.url.set(drivername="postgresql+psycopg_async"), pool_size=1, max_overflow=0
+    )
+    for n in range(5):
+        utils.add_raw_job("record", {"n": n})
+    try:
+        await Worker(async_engine, [record], schema=schema).run_once_async()
+    finally:
+        await async_engine.dispose()
+    assert sorted(item["n"] for item in done) == [0, 1, 2, 3, 4]
+    assert not rows(engine, schema)

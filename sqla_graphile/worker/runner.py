@@ -3,13 +3,16 @@
 One asyncio event loop drives everything: a fetcher that fills a local queue with jobs
 locked in batches, up to ``concurrency`` running jobs (``async def`` handlers on the loop,
 ``def`` handlers in threads), two writers that send completions and failures in batches,
-the LISTEN connection, and Node's 4-hour stale-lock sweep.
+the LISTEN connection, and Node's 4-hour stale-lock sweep. The fetcher and the writers
+each keep a pooled connection for the worker's life, so a statement costs one round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -23,11 +26,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool, QueuePool
 
 from .._urls import engine_from_url, normalize_url
 from ..context import CancellationSignal, WorkerContext
@@ -50,10 +55,12 @@ from ..hooks import (
 )
 from ..job import Job
 from ..migrations import check_database
+from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
 from ..utils import AsyncWorkerUtils, WorkerUtils
 from ._threads import HandlerThreads
 from .listener import NotificationListener
+from .recovery import RecoveryAgent
 from .sql import WorkerStatements, worker_statements
 from .tasks import BatchFailure, BatchJobError, TaskRegistry, WorkerTask, batch_outcome
 
@@ -75,6 +82,8 @@ _TRANSIENT_SQLSTATES = frozenset(
 # Node's stale-lock sweep: first after a random 0–60 s, then every random 8–10 min.
 _FIRST_SWEEP_MAX = 60.0
 _SWEEP_INTERVAL = (480.0, 600.0)
+# With only ``def`` handlers, jobs handed to the threads at once, per unit of concurrency.
+_AHEAD = 4
 # Largest number of outcomes sent in one statement.
 _MAX_WRITE_BATCH = 2000
 # Characters of traceback kept in last_error after the message.
@@ -133,10 +142,11 @@ class _JobLogger(logging.LoggerAdapter[logging.Logger]):
         return f"[job {extra['job_id']} {extra['task_identifier']}] {msg}", kwargs
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
     job: Job
     started: float
+    fetched: float
     task: asyncio.Task[None] | None = None
     handler: asyncio.Task[Any] | None = None
     """The ``async def`` handler's own task, cancelled at the end of the grace period."""
@@ -144,13 +154,13 @@ class _Running:
     """Failed by the shutdown while still running: its outcome is not written."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Completion:
     job: Job
     duration: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Failure:
     job: Job
     message: str
@@ -207,6 +217,127 @@ class _Writer(Generic[_T]):
                 return
 
 
+class _Compiled:
+    """A worker statement compiled once for the held connection's driver."""
+
+    __slots__ = ("defaults", "processors", "sql")
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        # Literal values SQLAlchemy turned into parameters of their own.
+        self.defaults = {
+            key: value
+            for key, value in compiled.construct_params(_check=False).items()
+            if value is not None
+        }
+        self.processors = {k: v for k, v in compiled._bind_processors.items() if v is not None}
+
+    def params(self, values: dict[str, Any]) -> dict[str, Any]:
+        params = dict(self.defaults)
+        processors = self.processors
+        for key, value in values.items():
+            process = processors.get(key)
+            params[key] = value if process is None or value is None else process(value)
+        return params
+
+
+class _HeldConnection:
+    """A connection of the worker's pool kept for one role: the fetcher or a writer.
+
+    At thousands of jobs a second, a pool checkout and SQLAlchemy's execution machinery
+    cost more than the statement itself; held, the psycopg connection also prepares
+    each statement server-side after a few runs. Statements are the same Core objects,
+    compiled once. A failed connection is invalidated and replaced on the next call;
+    errors are raised wrapped as SQLAlchemy's, like the pooled path's. With another
+    driver than psycopg, :attr:`usable` turns false and callers use the pool.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+        self._raw: psycopg.AsyncConnection[Any] | None = None
+        self._compiled: dict[int, _Compiled] = {}
+        self._lock = asyncio.Lock()
+        self.usable = True
+
+    async def run(self, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self._lock:
+            raw = self._raw if self._raw is not None else await self._connect()
+            if raw is None:
+                raise _NotHeldError
+            compiled = self._compiled.get(id(statement))
+            if compiled is None:
+                compiled = self._compiled[id(statement)] = _Compiled(
+                    statement, self._engine.dialect
+                )
+            try:
+                cursor = await raw.execute(compiled.sql, compiled.params(params))
+                if cursor.description is None:
+                    return []
+                names = [column.name for column in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+            except psycopg.Error as exc:
+                broken = raw.broken or raw.closed
+                if broken:
+                    await self.release(invalidate=True)
+                raise DBAPIError.instance(
+                    compiled.sql,
+                    params,
+                    exc,
+                    psycopg.Error,
+                    connection_invalidated=broken,
+                    dialect=self._engine.dialect,
+                ) from exc
+            except BaseException:
+                # Cancelled mid-statement: the session's state is unknown.
+                await self.release(invalidate=True)
+                raise
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any] | None:
+        connection = await self._engine.connect()
+        try:
+            raw = (await connection.get_raw_connection()).driver_connection
+        except BaseException:
+            await connection.close()
+            raise
+        if not isinstance(raw, psycopg.AsyncConnection) or not raw.autocommit:
+            self.usable = False
+            await connection.close()
+            return None
+        self._connection, self._raw = connection, raw
+        return raw
+
+    async def release(self, *, invalidate: bool = False) -> None:
+        connection, self._connection, self._raw = self._connection, None, None
+        if connection is None:
+            return
+        try:
+            if invalidate:
+                await connection.invalidate()
+            await connection.close()
+        except Exception:  # a broken connection may fail to close; it is gone either way
+            logger.debug("error releasing a worker connection", exc_info=True)
+
+
+class _NotHeldError(Exception):
+    """The engine's driver is not psycopg: use a pooled connection instead."""
+
+
+def _pool_has_room(engine: AsyncEngine, held: int) -> bool:
+    """Whether ``engine``'s pool can lend ``held`` connections for good and still serve.
+
+    Two more are left for the sweep, returns and handlers' async utilities.
+    """
+    pool = engine.sync_engine.pool
+    if isinstance(pool, NullPool):
+        return True
+    if isinstance(pool, QueuePool):
+        max_overflow = getattr(pool, "_max_overflow", 0)  # not exposed publicly
+        return max_overflow < 0 or pool.size() + max_overflow >= held + 2
+    return False
+
+
 class Worker:
     """Runs task handlers for jobs of a Graphile Worker schema, alongside Node workers.
 
@@ -243,6 +374,10 @@ class Worker:
         Recurring jobs: crontab text in Node's format, a crontab file (a ``Path``), or
         :class:`~sqla_graphile.cron.Cron` items. Scheduled beside Node workers sharing the
         crontab, each minute once between them. Not run by :meth:`run_once`.
+    ``recovery``
+        A :class:`~sqla_graphile.recovery.WorkerRecoveryConfig`. With ``enabled`` the
+        worker registers before its first fetch, heartbeats and sweeps for dead workers
+        (recovering their jobs) while it runs, and deregisters after a clean exit.
     """
 
     def __init__(
@@ -263,6 +398,7 @@ class Worker:
         listen: bool = True,
         worker_id: str | None = None,
         crontab: CrontabSource = None,
+        recovery: WorkerRecoveryConfig | None = None,
     ) -> None:
         if not isinstance(bind, (Engine, AsyncEngine, str, URL)):
             raise TypeError(
@@ -295,6 +431,9 @@ class Worker:
         self.crontab: list[Cron] = load_crontab(crontab)
         self.worker_id = worker_id or f"graphile_worker_{secrets.token_hex(9)}"
         """Our lock id: ``locked_by`` of every job and queue this worker holds."""
+        self.recovery = recovery
+        if recovery is not None and not recovery.enabled and recovery != WorkerRecoveryConfig():
+            logger.warning("recovery settings were given with enabled=False: recovery is off")
         self._sync_engine: Engine | None = bind if isinstance(bind, Engine) else None
         self._owns_sync_engine = False
         self._utils: WorkerUtils | None = None
@@ -389,7 +528,9 @@ class Worker:
             url = url.set(drivername="postgresql+psycopg_async")
         # Enough connections for the fetcher, both writers, the sweep and handlers'
         # async utils, without ever waiting on the pool for a write.
-        return create_async_engine(url, pool_size=5, max_overflow=self.concurrency), True
+        # With recovery, two more: the heartbeat and the recovery sweep.
+        extra = 2 if self.recovery is not None and self.recovery.enabled else 0
+        return create_async_engine(url, pool_size=5 + extra, max_overflow=self.concurrency), True
 
     def _listen_kwargs(self, engine: AsyncEngine) -> dict[str, Any]:
         url = engine.url.set(drivername="postgresql+psycopg_async")
@@ -413,9 +554,14 @@ class Worker:
                 installed = _install_signals(runtime)
             await runtime.run()
         finally:
+            if runtime.recovery is not None:
+                # After a failed start or shutdown: stop the loops but keep the row; it
+                # goes stale and a sweep recovers whatever this worker still holds.
+                await runtime.recovery.stop(deregister=False)
             for sig in installed:
                 runtime.loop.remove_signal_handler(sig)
             self._runtime = None
+            await runtime.release_connections()  # also when the shutdown did not finish
             if owned:
                 await engine.dispose()
 
@@ -456,16 +602,39 @@ class _Runtime:
         self.error: BaseException | None = None
         self.stop_event = asyncio.Event()
         self.force_event = asyncio.Event()
-        self.nudge = asyncio.Event()
+        self.nudge = _Flag()
         self.demand = asyncio.Event()
+        """Set whenever a running job ends (and on stop)."""
+        self.refill = _Flag()
+        """Set when the fetcher should look at the local queue again (and on stop)."""
         self.ttl_expired = False
         self.writes_done = 0
         self.signals = 0
         self.force_message = "Forced worker shutdown"
         self.prefetch = worker.local_queue_size > 0 and not callable(worker.forbidden_flags)
+        self.all_sync = not any(entry.is_async for entry in worker.tasks.values())
         self.job_logger = logging.getLogger("sqla_graphile.worker.job")
         self._background: list[asyncio.Task[None]] = []
         self._returns: list[asyncio.Task[None]] = []
+        recovery = worker.recovery
+        self.recovery: RecoveryAgent | None = (
+            RecoveryAgent(
+                engine,
+                worker.schema,
+                worker.worker_id,
+                recovery,
+                task_identifiers=worker.task_identifiers,
+                hooks=worker.hooks,
+            )
+            if recovery is not None and recovery.enabled
+            else None
+        )
+        # The fetcher and each writer keep a connection: no pool checkout per statement
+        # (unless the pool is too small to spare them).
+        held = [_HeldConnection(self.engine) for _ in range(3)]
+        for connection in held if not _pool_has_room(engine, len(held)) else ():
+            connection.usable = False
+        self.fetch_connection, self.complete_connection, self.fail_connection = held
 
     # -- control ----------------------------------------------------------------------
 
@@ -490,6 +659,7 @@ class _Runtime:
         self.stop_event.set()
         self.nudge.set()
         self.demand.set()
+        self.refill.set()
 
     def on_insert(self, count: int) -> None:
         self.nudge.set()
@@ -514,13 +684,20 @@ class _Runtime:
         what: str,
         retries: int = 100,
         retry_any: bool = False,
+        held: _HeldConnection | None = None,
     ) -> list[Any]:
-        """Run one autocommit statement and return its rows, retrying transient errors."""
+        """Run one autocommit statement and return its rows, retrying transient errors.
+
+        ``held``: run it on that connection rather than on one checked out of the pool.
+        """
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             try:
+                if held is not None and held.usable:
+                    with contextlib.suppress(_NotHeldError):
+                        return await held.run(statement, params)
                 async with self.engine.connect() as connection:
                     result = await connection.execute(statement, params)
                     return list(result.mappings().all()) if result.returns_rows else []
@@ -569,6 +746,9 @@ class _Runtime:
         await self.execute(
             self.sql.register_tasks, {"identifiers": self.identifiers}, what="registering tasks"
         )
+        if self.recovery is not None:
+            # Before any fetch: every lock of ours must belong to a registered worker.
+            await self.recovery.register()
         if self.once:
             await self.sweep()
         self.threads = HandlerThreads(self.worker.concurrency, "sqla_graphile-handler")
@@ -619,6 +799,8 @@ class _Runtime:
             self._background.append(
                 asyncio.create_task(scheduler.run(asyncio.Event()), name="cron")
             )
+        if self.recovery is not None:
+            self.recovery.start()
         self.fetcher = asyncio.create_task(self.fetch_loop(), name="sqla_graphile-fetcher")
 
     async def shutdown(self) -> None:
@@ -656,10 +838,18 @@ class _Runtime:
         await self.completer.close()
         await self.failer.close()
         self.threads.shutdown()
+        await self.release_connections()
+        if self.recovery is not None:
+            # Heartbeats went on through the grace period; every outcome is written now.
+            await self.recovery.stop()
         if self.forced:
             reason = "forced"
         logger.info("worker %s stopped (%s)", self.worker_id, reason)
         await self.emit("worker_stop", lambda: WorkerStopEvent(self.worker_id, reason, self.error))
+
+    async def release_connections(self) -> None:
+        for held in (self.fetch_connection, self.complete_connection, self.fail_connection):
+            await held.release()
 
     async def wait_running(self, timeout: float) -> None:
         deadline = self.loop.time() + timeout
@@ -743,7 +933,9 @@ class _Runtime:
         if flags is not None:
             statement = self.sql.fetch_with_flags
             params["forbidden"] = flags
-        rows = await self.execute(statement, params, what="fetching jobs")
+        rows = await self.execute(
+            statement, params, what="fetching jobs", held=self.fetch_connection
+        )
         jobs = [
             Job.from_row(row, task_identifier=row["task_identifier"], queue_name=row["queue_name"])
             for row in rows
@@ -767,9 +959,9 @@ class _Runtime:
             self.expire_local_jobs()
             want = self.fetch_size()
             if want == 0:
-                # Busy: wait for a free slot (or a TTL check).
-                self.demand.clear()
-                await _wait_event(self.demand, poll)
+                # Busy: wait until the local queue runs low (or a TTL check).
+                self.refill.clear()
+                await self.refill.wait(poll)
                 continue
             self.nudge.clear()
             writes_before = self.writes_done
@@ -792,7 +984,7 @@ class _Runtime:
                     return
                 continue
             if not self.nudge.is_set():
-                await _wait_event(self.nudge, poll)
+                await self.nudge.wait(poll)
 
     async def once_finished(self, jobs: list[Job], writes_before: int) -> bool:
         """In run-once mode: whether nothing is left to do, after a short fetch."""
@@ -810,20 +1002,47 @@ class _Runtime:
         return True
 
     def fill_slots(self) -> None:
-        while self.local and len(self.running) < self.worker.concurrency and not self.stopping:
-            job, _ = self.local.popleft()
-            record = _Running(job, time.monotonic())
+        if not self.local or self.stopping:
+            return
+        hooks = self.hooks
+        # With nothing to await around the handler (no interceptors, no job_start
+        # observers) a job is started directly and finished by a callback: no task of
+        # its own and fewer turns of the loop per job. Both ways run the same steps.
+        direct = not (
+            hooks.before_job_run_hooks or hooks.after_job_run_hooks or hooks.has("job_start")
+        )
+        limit = self.worker.concurrency
+        if direct and self.all_sync:
+            # Hand the threads jobs ahead of time (a few each, from the local queue), so
+            # a thread that ends a job starts the next one without waiting for the loop.
+            # Threads (as many as the concurrency) still bound the jobs running at once.
+            limit *= _AHEAD
+        tasks = self.worker.tasks
+        while self.local and len(self.running) < limit:
+            job, fetched = self.local.popleft()
+            record = _Running(job, time.monotonic(), fetched)
             self.running[job.id] = record
-            record.task = asyncio.create_task(self.run_job(record))
+            entry = tasks.get(job.task_identifier)
+            if direct and entry is not None:
+                self.start_direct(record, entry)
+            else:
+                record.task = asyncio.create_task(self.run_job(record))
 
     def expire_local_jobs(self) -> None:
         ttl = self.worker.local_queue_ttl
-        if not self.local or ttl <= 0:
-            return
         limit = time.monotonic() - ttl
+        # Jobs handed to the threads ahead of time may be waiting there; the first
+        # record running is the one fetched first.
+        ahead = len(self.running) > self.worker.concurrency
+        ahead = ahead and next(iter(self.running.values())).fetched < limit
+        if not (self.local or ahead) or ttl <= 0:
+            return
         expired = []
         while self.local and self.local[0][1] < limit:
             expired.append(self.local.popleft()[0])
+        if ahead:
+            for args in self.threads.take_waiting(lambda args: args[0].fetched < limit):
+                expired.append(self.unstarted(args[0]))
         if expired:
             self.ttl_expired = True
             logger.info("returning %d job(s) unstarted for %g s", len(expired), ttl)
@@ -832,8 +1051,17 @@ class _Runtime:
     async def return_local_jobs(self) -> None:
         jobs = [job for job, _ in self.local]
         self.local.clear()
+        # Jobs handed to the threads ahead of time that no thread has started yet.
+        jobs += [self.unstarted(args[0]) for args in self.threads.take_waiting()]
         if jobs:
             await self.return_jobs(jobs)
+
+    def unstarted(self, record: _Running) -> Job:
+        """Forget a job taken back from the threads before it started."""
+        if self.running.get(record.job.id) is record:
+            del self.running[record.job.id]
+            self.demand.set()
+        return record.job
 
     async def return_jobs(self, jobs: list[Job]) -> None:
         try:
@@ -879,14 +1107,22 @@ class _Runtime:
         )
 
     async def run_job(self, record: _Running) -> None:
-        job = record.job
         try:
             outcome = await self.execute_job(record)
         finally:
-            if self.running.get(job.id) is record:
-                del self.running[job.id]
-            self.demand.set()
-            self.fill_slots()
+            self.release_slot(record)
+        self.record_outcome(record, outcome)
+
+    def release_slot(self, record: _Running) -> None:
+        if self.running.get(record.job.id) is record:
+            del self.running[record.job.id]
+        self.demand.set()
+        self.fill_slots()
+        if not self.refill.is_set() and self.fetch_size() > 0:
+            self.refill.set()
+
+    def record_outcome(self, record: _Running, outcome: _Failure | None) -> None:
+        job = record.job
         if record.abandoned:
             logger.warning(
                 "job %d (%s) finished after it was failed by the shutdown; outcome dropped",
@@ -899,6 +1135,97 @@ class _Runtime:
         else:
             outcome.duration = time.monotonic() - record.started
             self.failer.add(outcome)
+
+    # The direct way: execute_job's steps without interceptors, as callbacks.
+
+    def start_direct(self, record: _Running, entry: WorkerTask) -> None:
+        job = record.job
+        ctx = self.context(job)
+        if not entry.is_async:
+            done = functools.partial(self.handler_returned, record, entry)
+            self.threads.call(self.start_in_thread, (record, entry, ctx), done, takeable=True)
+            return
+        try:
+            coroutine = entry.invoke(job.payload, ctx)
+        except Exception as exc:
+            # Not now: this runs inside fill_slots, which the outcome would re-enter.
+            self.loop.call_soon(self.handler_returned, record, entry, None, exc)
+            return
+        self.await_direct(record, entry, coroutine)
+
+    def start_in_thread(self, record: _Running, entry: WorkerTask, ctx: WorkerContext) -> Any:
+        record.started = time.monotonic()  # it may have waited for a thread
+        return self.run_in_thread(record, entry, record.job.payload, ctx)
+
+    def run_in_thread(
+        self, record: _Running, entry: WorkerTask, payload: Any, ctx: WorkerContext
+    ) -> Any:
+        """Run a ``def`` handler (in a handler thread).
+
+        An awaitable it returns is awaited on the loop while this thread waits for it:
+        the job keeps its thread, so the threads keep bounding the jobs running at once.
+        """
+        result = entry.invoke(payload, ctx)
+        if not inspect.isawaitable(result):
+            return result
+        return asyncio.run_coroutine_threadsafe(
+            self.await_handler(record, result), self.loop
+        ).result()
+
+    async def await_handler(self, record: _Running, awaitable: Any) -> Any:
+        record.handler = asyncio.ensure_future(awaitable)
+        return await record.handler
+
+    def handler_cancelled(self, record: _Running, error: BaseException) -> bool:
+        """Whether ``error`` says the shutdown cancelled the job's awaitable."""
+        return (
+            isinstance(error, (asyncio.CancelledError, concurrent.futures.CancelledError))
+            and record.handler is not None
+            and record.handler.cancelled()
+        )
+
+    def await_direct(self, record: _Running, entry: WorkerTask, awaitable: Any) -> None:
+        record.handler = handler = asyncio.ensure_future(awaitable)
+        handler.add_done_callback(functools.partial(self.handler_done, record, entry))
+
+    def handler_done(
+        self, record: _Running, entry: WorkerTask, handler: asyncio.Future[Any]
+    ) -> None:
+        if handler.cancelled():
+            error: BaseException | None = self.cancelled_failure()
+            result = None
+        else:
+            error = handler.exception()
+            result = None if error is not None else handler.result()
+        self.handler_returned(record, entry, result, error)
+
+    def handler_returned(
+        self, record: _Running, entry: WorkerTask, result: Any, error: BaseException | None
+    ) -> None:
+        if error is not None and self.handler_cancelled(record, error):
+            error = self.cancelled_failure()
+        replacement: Any = UNCHANGED
+        if error is None and entry.is_batch:
+            try:
+                failure = batch_outcome(record.job.payload, result)
+            except Exception as exc:
+                error = exc
+            else:
+                if failure is not None:
+                    error = _BatchItemsFailed(failure)
+                    if failure.payload is not None:
+                        replacement = failure.payload
+        outcome = None
+        if error is not None:
+            outcome = _Failure(record.job, _message(error), error, 0.0, replacement)
+        self.release_slot(record)
+        self.record_outcome(record, outcome)
+
+    def cancelled_failure(self) -> _ShutdownFailure:
+        return _ShutdownFailure(
+            "Worker shutdown: job cancelled after the "
+            f"{self.worker.shutdown_grace_period:g} s grace period"
+        )
 
     async def execute_job(self, record: _Running) -> _Failure | None:
         """Run the interceptors and the handler; ``None`` on success, else the failure."""
@@ -934,15 +1261,12 @@ class _Runtime:
                             error = _BatchItemsFailed(failure)
                             if failure.payload is not None:
                                 replacement = failure.payload
-                except asyncio.CancelledError:
-                    if record.handler is None or not record.handler.cancelled():
+                except asyncio.CancelledError as exc:
+                    if not self.handler_cancelled(record, exc):
                         raise  # we are being cancelled ourselves, not the handler
-                    error = _ShutdownFailure(
-                        "Worker shutdown: job cancelled after the "
-                        f"{self.worker.shutdown_grace_period:g} s grace period"
-                    )
+                    error = self.cancelled_failure()
                 except Exception as exc:
-                    error = exc
+                    error = self.cancelled_failure() if self.handler_cancelled(record, exc) else exc
         if self.hooks.after_job_run_hooks:
             duration = time.monotonic() - record.started
             try:
@@ -964,11 +1288,7 @@ class _Runtime:
         if entry.is_async:
             record.handler = asyncio.ensure_future(entry.invoke(payload, ctx))
             return await record.handler
-        result = await self.threads.submit(entry.invoke, payload, ctx)
-        if inspect.isawaitable(result):  # a def returning a coroutine: awaited here
-            record.handler = asyncio.ensure_future(result)
-            result = await record.handler
-        return result
+        return await self.threads.submit(self.run_in_thread, record, entry, payload, ctx)
 
     # -- writing outcomes -------------------------------------------------------------
 
@@ -978,6 +1298,7 @@ class _Runtime:
                 self.sql.complete,
                 {"worker_id": self.worker_id, "ids": [c.job.id for c in batch]},
                 what=f"completing {len(batch)} job(s)",
+                held=self.complete_connection,
             )
         except Exception:
             logger.exception(
@@ -988,15 +1309,18 @@ class _Runtime:
             return
         finally:
             self.writes_done += 1
-        done = {row["id"]: row for row in rows}
+        done = {row["id"] for row in rows}
         queue_released = False
+        log = logger.isEnabledFor(logging.INFO)
+        observed = self.hooks.has("job_complete")
         for completion in batch:
             job = completion.job
             if job.id not in done:
                 await self.lock_lost(job, "complete")
                 continue
-            queue_released = queue_released or job.job_queue_id is not None
-            if logger.isEnabledFor(logging.INFO):
+            if job.job_queue_id is not None:
+                queue_released = True
+            if log:
                 logger.info(
                     "completed job %d (%s, attempt %d/%d) in %.1f ms",
                     job.id,
@@ -1005,10 +1329,10 @@ class _Runtime:
                     job.max_attempts,
                     completion.duration * 1000,
                 )
-            await self.emit(
-                "job_complete",
-                lambda c=completion: JobCompleteEvent(c.job, self.worker_id, c.duration),  # type: ignore[misc]
-            )
+            if observed:
+                await self.hooks.emit(
+                    "job_complete", JobCompleteEvent(job, self.worker_id, completion.duration)
+                )
         if queue_released:
             self.nudge.set()
 
@@ -1020,7 +1344,12 @@ class _Runtime:
             "payloads": [None if f.payload is UNCHANGED else _json_text(f.payload) for f in batch],
         }
         try:
-            rows = await self.execute(self.sql.fail, params, what=f"failing {len(batch)} job(s)")
+            rows = await self.execute(
+                self.sql.fail,
+                params,
+                what=f"failing {len(batch)} job(s)",
+                held=self.fail_connection,
+            )
         except Exception:
             logger.exception(
                 "could not record the failure of job(s) %s; they stay locked until the "
@@ -1125,6 +1454,51 @@ def _json_text(value: Any) -> str:
     from ..tasks import encode_payload
 
     return encode_payload(value)
+
+
+class _Flag:
+    """An :class:`asyncio.Event` for the fetcher, whose timed wait makes no task.
+
+    ``asyncio.wait_for`` wraps the wait in a task of its own: a few turns of the loop
+    between a notification and the fetch it triggers.
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self, timeout: float) -> None:
+        """Return once set, or after ``timeout`` seconds."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiters.remove(waiter)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:

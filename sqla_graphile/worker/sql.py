@@ -93,8 +93,13 @@ class WorkerStatements:
         tasks = self.schema.private_tasks
         worker_id = bindparam("worker_id", type_=Text)
 
-        our_tasks = select(tasks.c.id).where(
-            tasks.c.identifier == any_(bindparam("identifiers", type_=ARRAY(Text)))
+        # Our task ids as one array, computed once per statement (an InitPlan): compared
+        # with ``= any(array)`` the planner walks the (priority, run_at) index and stops
+        # at the limit, where a join with the tasks table sorts every runnable job.
+        our_tasks = func.array(
+            select(tasks.c.id)
+            .where(tasks.c.identifier == any_(bindparam("identifiers", type_=ARRAY(Text))))
+            .scalar_subquery()
         )
         # Row-locking every available queue for the statement's duration makes concurrent
         # fetchers (Node's included) skip them: two workers can never both pick a job of
@@ -108,7 +113,7 @@ class WorkerStatements:
             # "= true" (not "is true") so the planner can use the partial indexes.
             jobs.c.is_available == true(),
             jobs.c.run_at <= func.now(),
-            jobs.c.task_id.in_(our_tasks),
+            jobs.c.task_id == any_(our_tasks),
             or_(jobs.c.job_queue_id.is_(None), jobs.c.job_queue_id.in_(lockable_queues)),
         ]
         if with_flags:

@@ -1,0 +1,570 @@
+"""Worker benchmark: Node graphile-worker 0.18 and sqla-graphile, same database, one run.
+
+    python benchmarks/worker.py [--database-url URL] [--quick] [--repeats N] [--json PATH]
+
+Measures, each configuration on its own freshly migrated worker schema:
+
+1. Throughput: many no-op jobs at concurrency 10, queued first with one ``add_jobs``
+   call; the worker is timed from its start until it has finished them all (run-once
+   mode), minus its startup (the same run on an empty queue), as Node's perfTest does.
+   Node with its defaults and with its perfTest batching (local queue of 500, batched
+   completions and failures); ours with its defaults (a ``def`` and an ``async def``
+   no-op handler) and with batched settings.
+2. Idle pick-up latency: an idle worker, jobs added one at a time in the worker's own
+   process with the ``add_job`` statement Node's ``addJob`` sends (autocommit); the time
+   from that statement returning (its commit acknowledged) to the handler's first line.
+   Median and 90th percentile after a warm-up.
+
+Rounds rotate who goes first, so a machine busy with something else slows all alike;
+throughput is the best round. Node runs, through ``benchmarks/node/worker.mjs``, on a
+schema our migrations created. The exit status is 0 even when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL, make_url
+
+from sqla_graphile import Worker, WorkerContext, __version__, migrate, task
+from sqla_graphile.schema import quote_schema
+
+HERE = Path(__file__).resolve().parent
+NODE_SCRIPT = HERE / "node" / "worker.mjs"
+CONCURRENCY = 10
+
+# One add_jobs call for the whole batch, as Node's perfTest queues its jobs.
+ADD_JOBS_SQL = """
+select count(*) from {schema}.add_jobs(
+  array(select json_populate_recordset(null::{schema}.job_spec, %s::json)),
+  false
+)
+"""
+
+# The statement Node's workerUtils.addJob sends (defaults for every option).
+ADD_JOB_SQL = """
+select * from {schema}.add_job(identifier => 'latency'::text, payload => %s::json)
+"""
+
+#: Our batched configuration: a larger local queue (batched writes are the default).
+OURS_BATCHED: dict[str, Any] = {"local_queue_size": 500}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    jobs: int
+    repeats: int
+    latency_count: int
+    latency_warmup: int
+
+
+FULL = Sizes(20_000, 3, 200, 50)
+QUICK = Sizes(5_000, 1, 50, 20)
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+@task("noop")
+def noop(payload: Any, ctx: WorkerContext) -> None:
+    pass
+
+
+@task("noop")
+async def async_noop(payload: Any, ctx: WorkerContext) -> None:
+    pass
+
+
+# -- the database -----------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    url: URL
+    engine: Engine
+    token: str = field(default_factory=lambda: secrets.token_hex(3))
+    schemas: list[str] = field(default_factory=list)
+
+    @property
+    def conninfo(self) -> str:
+        return self.url.render_as_string(hide_password=False)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+    def fresh_schema(self, name: str) -> str:
+        schema = f"bench_{self.token}_{name}"
+        self.schemas.append(schema)
+        migrate(self.engine, schema=schema)
+        return schema
+
+    def reset(self, schema: str) -> None:
+        q = quote_schema(schema)
+        with self.engine.begin() as connection:
+            connection.execute(text(f"truncate {q}._private_jobs, {q}._private_job_queues"))
+
+    def queue(self, schema: str, count: int) -> None:
+        """Queue ``count`` no-op jobs with one ``add_jobs`` call; analyse the table."""
+        specs = [{"identifier": "noop", "payload": {"i": i}} for i in range(count)]
+        with psycopg.connect(self.conninfo, autocommit=True) as connection:
+            sql = ADD_JOBS_SQL.format(schema=quote_schema(schema))
+            connection.execute(sql, (json.dumps(specs),))
+            # The same fresh statistics for everyone, whatever autovacuum is up to.
+            connection.execute(f"analyze {quote_schema(schema)}._private_jobs")
+
+    def remaining(self, schema: str) -> int:
+        with self.engine.connect() as connection:
+            return int(
+                connection.scalar(
+                    text(f"select count(*) from {quote_schema(schema)}._private_jobs")
+                )
+                or 0
+            )
+
+    def drop_schemas(self) -> None:
+        with self.engine.begin() as connection:
+            for schema in self.schemas:
+                connection.execute(text(f"drop schema if exists {quote_schema(schema)} cascade"))
+        self.schemas.clear()
+
+
+# -- the configurations -----------------------------------------------------------------
+
+
+class NodeProcess:
+    """A long-lived ``worker.mjs`` driven over stdin."""
+
+    def __init__(self, node: str, db: Database, schema: str, *, batched: bool) -> None:
+        options = {
+            "connectionString": db.conninfo,
+            "schema": schema,
+            "concurrency": CONCURRENCY,
+            "batched": batched,
+        }
+        self.process = subprocess.Popen(
+            [node, str(NODE_SCRIPT), json.dumps(options)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.version = str(self.ask(None)["version"])
+
+    def ask(self, command: dict[str, Any] | None) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if command is not None:
+            self.process.stdin.write(json.dumps(command) + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Node script exited ({self.process.wait()}); see its stderr")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@dataclass
+class Config:
+    """One configuration measured: how it runs a queue once, and its timings."""
+
+    label: str
+    description: str
+    run_once: Callable[[str], float]
+    """``run_once(schema)``: work the schema's queue until empty; seconds it took."""
+    schema: str = ""
+    startup: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)
+    left_over: list[int] = field(default_factory=list)
+
+    def rates(self, jobs: int) -> list[float]:
+        base = min(self.startup)
+        return [jobs / max(seconds - base, 1e-9) for seconds in self.rounds]
+
+    def best(self, jobs: int) -> float:
+        return max(self.rates(jobs))
+
+
+def node_once(process: NodeProcess) -> Callable[[str], float]:
+    return lambda schema: float(process.ask({"cmd": "once"})["seconds"])
+
+
+def ours_once(db: Database, handler: Any, settings: dict[str, Any]) -> Callable[[str], float]:
+    def run(schema: str) -> float:
+        worker = Worker(
+            db.sqlalchemy_url, [handler], schema=schema, concurrency=CONCURRENCY, **settings
+        )
+        started = time.perf_counter()
+        worker.run_once()
+        seconds = time.perf_counter() - started
+        worker.close()
+        return seconds
+
+    return run
+
+
+def measure_throughput(db: Database, configs: list[Config], sizes: Sizes, repeats: int) -> None:
+    for config in configs:
+        if not config.schema:
+            config.schema = db.fresh_schema(config.label)
+        config.run_once(config.schema)  # warm-up: connections, imports, JIT
+    for round_ in range(repeats):
+        shift = round_ % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            db.reset(config.schema)
+            config.startup.append(config.run_once(config.schema))
+            db.queue(config.schema, sizes.jobs)
+            config.rounds.append(config.run_once(config.schema))
+            config.left_over.append(db.remaining(config.schema))
+            rate = sizes.jobs / max(config.rounds[-1] - min(config.startup), 1e-9)
+            print(f"  round {round_ + 1}: {config.label:<16} {rate:>9,.0f} jobs/s", flush=True)
+
+
+# -- latency ----------------------------------------------------------------------------
+
+
+@dataclass
+class Latency:
+    label: str
+    from_commit_ms: list[float]
+    from_call_ms: list[float]
+
+    def median(self) -> float:
+        return statistics.median(self.from_commit_ms)
+
+    def p90(self) -> float:
+        return _percentile(self.from_commit_ms, 0.9)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _ours_latency(
+    db: Database, schema: str, is_async: bool, sizes: Sizes
+) -> tuple[list[float], list[float]]:
+    loop = asyncio.get_running_loop()
+    arrival: list[asyncio.Future[float]] = []
+
+    def arrived(at: float) -> None:
+        if arrival and not arrival[-1].done():
+            arrival[-1].set_result(at)
+
+    if is_async:
+
+        @task("latency")
+        async def handler(payload: Any, ctx: WorkerContext) -> None:
+            arrived(time.perf_counter())
+
+    else:
+
+        @task("latency")
+        def handler(payload: Any, ctx: WorkerContext) -> None:
+            loop.call_soon_threadsafe(arrived, time.perf_counter())
+
+    worker = Worker(db.sqlalchemy_url, [handler], schema=schema, concurrency=CONCURRENCY)
+    # Jobs are added with the statement Node's addJob sends, autocommit, so "committed"
+    # means the same instant on both sides (our WorkerUtils is measured by enqueue.py).
+    connection = await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True)
+    sql = ADD_JOB_SQL.format(schema=quote_schema(schema))
+    running = asyncio.create_task(worker.run_async())
+    from_commit: list[float] = []
+    from_call: list[float] = []
+    try:
+        while not worker.listening:
+            if running.done():
+                await running
+            await asyncio.sleep(0.01)
+        for i in range(sizes.latency_warmup + sizes.latency_count):
+            arrival.append(loop.create_future())
+            called = time.perf_counter()
+            await connection.execute(sql, (json.dumps({"i": i}),))
+            committed = time.perf_counter()
+            at = await asyncio.wait_for(arrival[-1], 30)
+            if i >= sizes.latency_warmup:
+                from_commit.append((at - committed) * 1000)
+                from_call.append((at - called) * 1000)
+    finally:
+        worker.request_shutdown()
+        await running
+        await connection.close()
+        worker.close()
+    return from_commit, from_call
+
+
+def ours_latency(db: Database, label: str, is_async: bool, sizes: Sizes) -> Latency:
+    schema = db.fresh_schema(label)
+    commit, call = asyncio.run(_ours_latency(db, schema, is_async, sizes))
+    return Latency(label, commit, call)
+
+
+def node_latency(node: str, db: Database, sizes: Sizes) -> tuple[Latency, str]:
+    schema = db.fresh_schema("lat_node")
+    process = NodeProcess(node, db, schema, batched=False)
+    try:
+        answer = process.ask(
+            {"cmd": "latency", "count": sizes.latency_count, "warmup": sizes.latency_warmup}
+        )
+    finally:
+        process.close()
+    return Latency("node", answer["from_commit_ms"], answer["from_call_ms"]), process.version
+
+
+# -- reporting --------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def throughput(
+    db: Database,
+    node: str | None,
+    sizes: Sizes,
+    repeats: int,
+    environment: dict[str, Any],
+    results: dict[str, Any],
+    table: list[tuple[str, str, str, str, str]],
+) -> None:
+    configs: list[Config] = []
+    processes: list[NodeProcess] = []
+    try:
+        if node:
+            for batched in (False, True):
+                label = "node_batched" if batched else "node_default"
+                schema = db.fresh_schema(label)
+                process = NodeProcess(node, db, schema, batched=batched)
+                processes.append(process)
+                environment["graphile_worker"] = process.version
+                description = (
+                    "Node, localQueue 500 + batched completions/failures (perfTest config)"
+                    if batched
+                    else "Node, defaults"
+                )
+                configs.append(Config(label, description, node_once(process), schema))
+        configs += [
+            Config("ours_default", "ours, defaults, def handler", ours_once(db, noop, {})),
+            Config(
+                "ours_default_async",
+                "ours, defaults, async def handler",
+                ours_once(db, async_noop, {}),
+            ),
+            Config(
+                "ours_batched",
+                "ours, local_queue_size=500, def handler",
+                ours_once(db, noop, OURS_BATCHED),
+            ),
+            Config(
+                "ours_batched_async",
+                "ours, local_queue_size=500, async def handler",
+                ours_once(db, async_noop, OURS_BATCHED),
+            ),
+        ]
+        print("throughput:")
+        measure_throughput(db, configs, sizes, repeats)
+        by_label = {config.label: config for config in configs}
+        results["throughput"] = {
+            config.label: {
+                "description": config.description,
+                "round_seconds": config.rounds,
+                "startup_seconds": config.startup,
+                "jobs_per_second": config.rates(sizes.jobs),
+                "best_jobs_per_second": config.best(sizes.jobs),
+                "jobs_left_after_run": config.left_over,
+            }
+            for config in configs
+        }
+
+        def rate_cell(config: Config) -> str:
+            rates = config.rates(sizes.jobs)
+            cell = f"{max(rates):,.0f} jobs/s"
+            if len(rates) > 1:
+                cell += f" ({min(rates):,.0f}-{max(rates):,.0f})"
+            return cell
+
+        targets = [
+            ("ours_default", "node_default", 2.0),
+            ("ours_default_async", "node_default", 2.0),
+            ("ours_batched", "node_batched", 1.0),
+            ("ours_batched_async", "node_batched", 1.0),
+        ]
+        for ours_label, node_label, target in targets:
+            ours = by_label[ours_label]
+            if node_label in by_label:
+                theirs = by_label[node_label]
+                ratio = ours.best(sizes.jobs) / theirs.best(sizes.jobs)
+                results["throughput"][ours_label].update(
+                    ratio=ratio, against=node_label, target=target, met=ratio >= target
+                )
+                table.append(
+                    (
+                        f"{sizes.jobs:,} jobs: {ours.description}",
+                        f"{node_label}: {rate_cell(theirs)}",
+                        rate_cell(ours),
+                        f"{ratio:.2f}x",
+                        f">= {target:.2f}x {verdict(ratio >= target)}",
+                    )
+                )
+            else:
+                table.append(
+                    (f"{sizes.jobs:,} jobs: {ours.description}", "-", rate_cell(ours), "-", "-")
+                )
+
+    finally:
+        for process in processes:
+            process.close()
+    leftovers = {c.label: c.left_over for c in configs if any(c.left_over)}
+    if leftovers:
+        print(f"  jobs still in the table after a run (not completed): {leftovers}")
+
+
+def latency(
+    db: Database,
+    node: str | None,
+    sizes: Sizes,
+    results: dict[str, Any],
+    table: list[tuple[str, str, str, str, str]],
+) -> None:
+    print("\nidle pick-up latency (add_job commit -> handler entry):", flush=True)
+    latencies = [
+        ours_latency(db, "lat_ours_def", False, sizes),
+        ours_latency(db, "lat_ours_async", True, sizes),
+    ]
+    latencies[0].label, latencies[1].label = "ours_default", "ours_default_async"
+    node_lat: Latency | None = None
+    if node:
+        node_lat, _ = node_latency(node, db, sizes)
+        latencies.insert(0, node_lat)
+    for lat in latencies:
+        print(
+            f"  {lat.label:<20} median {lat.median():.2f} ms, p90 {lat.p90():.2f} ms "
+            f"(from the add_job call: median {statistics.median(lat.from_call_ms):.2f} ms)",
+            flush=True,
+        )
+    results["latency"] = {
+        lat.label: {
+            "median_ms": lat.median(),
+            "p90_ms": lat.p90(),
+            "from_call_median_ms": statistics.median(lat.from_call_ms),
+            "from_commit_ms": lat.from_commit_ms,
+        }
+        for lat in latencies
+    }
+    for lat in latencies:
+        if lat is node_lat:
+            continue
+        cell = f"median {lat.median():.2f} ms, p90 {lat.p90():.2f} ms"
+        if node_lat is not None:
+            ratio = lat.median() / node_lat.median()
+            ok = lat.median() <= node_lat.median()
+            results["latency"][lat.label].update(ratio=ratio, met=ok)
+            table.append(
+                (
+                    f"latency x{sizes.latency_count}: {lat.label}",
+                    f"median {node_lat.median():.2f} ms, p90 {node_lat.p90():.2f} ms",
+                    cell,
+                    f"{ratio:.2f}x",
+                    f"<= 1.00x {verdict(ok)}",
+                )
+            )
+        else:
+            table.append((f"latency x{sizes.latency_count}: {lat.label}", "-", cell, "-", "-"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL"),
+        help="PostgreSQL URL (default: $DATABASE_URL); schemas bench_* are made and dropped",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer jobs, one round")
+    parser.add_argument("--repeats", type=int, help="throughput rounds (the best is kept)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--node", default=shutil.which("node"), help="the node executable")
+    parser.add_argument(
+        "--only", choices=("throughput", "latency"), help="run one of the two measurements"
+    )
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error("give --database-url or set DATABASE_URL")
+    sizes = QUICK if args.quick else FULL
+    repeats = args.repeats or sizes.repeats
+
+    url = make_url(args.database_url).set(drivername="postgresql")  # plain libpq URL
+    engine = create_engine(url.set(drivername="postgresql+psycopg"))
+    db = Database(url, engine)
+    node = args.node if args.node and NODE_SCRIPT.exists() else None
+
+    with engine.connect() as connection:
+        server = connection.scalar(text("show server_version"))
+    environment: dict[str, Any] = {
+        "python": platform.python_version(),
+        "sqlalchemy": sqlalchemy.__version__,
+        "psycopg": psycopg.__version__,
+        "sqla_graphile": __version__,
+        "node": subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+        if node
+        else None,
+        "postgresql": server,
+        "cpus": os.cpu_count(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    print("worker benchmark: " + ", ".join(f"{k} {v}" for k, v in environment.items()))
+    print(
+        f"{sizes.jobs:,} no-op jobs at concurrency {CONCURRENCY}, best of {repeats} round(s); "
+        "each configuration on its own migrated schema\n"
+    )
+    if not node:
+        print("node not found: only our side is measured, no ratios\n")
+
+    results: dict[str, Any] = {}
+    table: list[tuple[str, str, str, str, str]] = []
+    try:
+        if args.only in (None, "throughput"):
+            throughput(db, node, sizes, repeats, environment, results, table)
+        if args.only in (None, "latency"):
+            latency(db, node, sizes, results, table)
+    finally:
+        db.drop_schemas()
+        engine.dispose()
+
+    environment["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    header = ("measurement", "node", "ours", "ratio", "target")
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    print()
+    for row in [header, *table]:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    print(f"\nload average before {environment['load_before']}, after {environment['load_after']}")
+
+    if args.json:
+        document = {"environment": environment, "sizes": vars(sizes), "results": results}
+        document["sizes"] = {**sizes.__dict__, "repeats": repeats}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

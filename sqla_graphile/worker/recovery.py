@@ -1,0 +1,330 @@
+"""The worker's recovery agent: registration, heartbeats and stale-worker sweeps.
+
+A worker with recovery enabled keeps a row in ``<schema>._sqla_graphile_workers`` fresh
+so that other workers can tell it is alive, and sweeps for workers whose heartbeat has
+stopped, recovering their jobs (the semantics are in :mod:`sqla_graphile.recovery`)::
+
+    agent = RecoveryAgent(engine, schema, worker_id, config, task_identifiers=tasks)
+    await agent.register()   # before the first fetch; raises if it cannot register
+    agent.start()            # heartbeat and sweep loops
+    ...
+    await agent.stop()       # after every outcome is written; deregisters
+
+The heartbeat loop never gives up: a failed heartbeat is logged and retried after a
+short backoff, so a worker that lives through a database hiccup is not later judged
+dead (and its running jobs re-run) for one unlucky error. If a heartbeat finds the row
+gone, a sweep presumed the worker dead: it says so loudly and registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Iterable
+from types import TracebackType
+from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .._drive import drive_async
+from .._ops import Op
+from ..errors import MigrationError, sqlstate_of, translate_db_error
+from ..hooks import Hooks, WorkerRecoveredEvent
+from ..recovery import (
+    SweepResult,
+    SweepStaleWorkersOptions,
+    WorkerRecoveryConfig,
+    deregister_op,
+    heartbeat_op,
+    sweep_op,
+    worker_metadata,
+)
+
+__all__ = ["RecoveryAgent"]
+
+logger = logging.getLogger("sqla_graphile.worker.recovery")
+_T = TypeVar("_T")
+
+# First retry of a failed heartbeat; doubled per failure, capped at the interval.
+_FIRST_RETRY = 0.1
+# Attempts at registering when the connection fails (any other error fails at once).
+_REGISTER_ATTEMPTS = 5
+# Floor of a heartbeat's time limit: a hung connection is given up and retried afresh.
+_MIN_CALL_TIMEOUT = 5.0
+# Floor of a sweep's time limit (a sweep may update many rows of a dead worker).
+_MIN_SWEEP_TIMEOUT = 30.0
+
+
+class RecoveryAgent:
+    """Registers one worker, heartbeats it, and sweeps for dead workers.
+
+    ``engine`` is an async engine on the worker's database (the worker's own); each
+    heartbeat is one autocommit statement and each sweep one short transaction, on a
+    connection from its pool.
+    ``hooks`` receive ``worker_recovered`` after a sweep that recovered something.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        schema: str,
+        worker_id: str,
+        config: WorkerRecoveryConfig,
+        *,
+        task_identifiers: Iterable[str] = (),
+        hooks: Hooks | None = None,
+    ) -> None:
+        self.engine = engine
+        self.schema = schema
+        self.worker_id = worker_id
+        self.config = config
+        self.hooks = hooks
+        self.metadata = worker_metadata(worker_id, list(task_identifiers))
+        self.registered = False
+        """Whether the worker's row was written (and not removed by :meth:`stop`)."""
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._tasks: list[asyncio.Task[None]] = []
+        interval = config.heartbeat_interval.total_seconds()
+        # Past the sweep threshold a heartbeat is useless; a call stuck that long is
+        # abandoned so the next attempt can use a fresh connection.
+        self._call_timeout = min(
+            max(2 * interval, _MIN_CALL_TIMEOUT), config.sweep_threshold.total_seconds()
+        )
+        self._sweep_timeout = max(_MIN_SWEEP_TIMEOUT, config.sweep_interval.total_seconds())
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def register(self) -> None:
+        """Write the worker's row (pid, host, tasks, version); must precede any fetch.
+
+        Connection failures are retried a few times; any other error (the registry
+        table missing, say) is raised, and the worker should not start.
+        """
+        delay = _FIRST_RETRY
+        for attempt in range(1, _REGISTER_ATTEMPTS + 1):
+            try:
+                await self._run(heartbeat_op(self.schema, self.worker_id, self.metadata))
+                break
+            except (DBAPIError, PoolTimeoutError, OSError, asyncio.TimeoutError) as exc:
+                if attempt == _REGISTER_ATTEMPTS or not _is_connection_error(exc):
+                    if isinstance(exc, DBAPIError):
+                        translated = self._registry_missing(exc) or translate_db_error(
+                            exc, schema=self.schema
+                        )
+                        if translated is not None:
+                            raise translated from exc
+                    raise
+                logger.warning(
+                    "registering worker %s failed (attempt %d, retrying): %s",
+                    self.worker_id,
+                    attempt,
+                    _first_line(exc),
+                )
+                await asyncio.sleep(delay)
+                delay *= 2
+        self.registered = True
+        logger.info(
+            "worker %s registered for crash recovery (heartbeat every %s, sweep every %s, "
+            "dead after %s)",
+            self.worker_id,
+            self.config.heartbeat_interval,
+            self.config.sweep_interval,
+            self.config.sweep_threshold,
+        )
+
+    def _registry_missing(self, exc: DBAPIError) -> MigrationError | None:
+        # The schema exists but predates the registry (or was migrated by Node alone).
+        if sqlstate_of(exc) == "42P01" and "_sqla_graphile_workers" in str(exc.orig):
+            return MigrationError(
+                f"the worker registry {self.schema}._sqla_graphile_workers does not exist: "
+                "crash recovery needs the schema migrated by this library "
+                "(`graphile-worker migrate` or `alembic upgrade heads`)"
+            )
+        return None
+
+    def start(self) -> None:
+        """Start the heartbeat and sweep loops (after :meth:`register`)."""
+        if self._tasks:
+            raise RuntimeError("this recovery agent is already started")
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="sqla_graphile-heartbeat"),
+            asyncio.create_task(self._sweep_loop(), name="sqla_graphile-recovery-sweep"),
+        ]
+
+    async def stop(self, *, deregister: bool = True) -> None:
+        """Stop the loops and, with ``deregister``, remove the worker's row.
+
+        Call it once every outcome of the worker is written. The row is kept when the
+        worker still holds locks (outcomes it could not write): it goes stale, and a
+        sweep recovers those jobs after the threshold rather than after 4 hours.
+        """
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not (deregister and self.registered):
+            return
+        try:
+            removed = await self._run(deregister_op(self.schema, self.worker_id))
+        except Exception as exc:
+            # Harmless: the row goes stale and the next sweep removes it.
+            logger.warning(
+                "could not deregister worker %s (a sweep will remove its row): %s",
+                self.worker_id,
+                _first_line(exc),
+            )
+            return
+        self.registered = False
+        if removed:
+            logger.info("worker %s deregistered", self.worker_id)
+        else:
+            logger.warning(
+                "worker %s stops while still holding locks; its registry row is left to go "
+                "stale so that a sweep recovers them",
+                self.worker_id,
+            )
+
+    async def __aenter__(self) -> RecoveryAgent:
+        await self.register()
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop(deregister=exc_type is None)
+
+    # -- one heartbeat, one sweep -------------------------------------------------------
+
+    async def heartbeat(self) -> bool:
+        """Send one heartbeat; True when the row was missing (a sweep removed it).
+
+        Errors are raised; the heartbeat loop is what retries them.
+        """
+        inserted = await self._run(heartbeat_op(self.schema, self.worker_id, self.metadata))
+        if inserted:
+            logger.warning(
+                "worker %s was presumed dead by a sweep (its heartbeat had stopped for "
+                "longer than %s) and registers again; jobs it was running may have been "
+                "recovered, and their outcomes will not be written by this worker",
+                self.worker_id,
+                self.config.sweep_threshold,
+            )
+        self.registered = True
+        return inserted
+
+    async def sweep(self) -> SweepResult | None:
+        """Run one sweep with the worker's settings; log it, emit ``worker_recovered``.
+
+        Returns ``None`` when the sweep failed (the error is logged, not raised).
+        """
+        try:
+            result = await self._run(
+                sweep_op(self.schema, self.config, SweepStaleWorkersOptions()), transaction=True
+            )
+        except Exception as exc:
+            logger.warning(
+                "the recovery sweep of worker %s failed (next in %s): %s",
+                self.worker_id,
+                self.config.sweep_interval,
+                _first_line(exc),
+                exc_info=not _is_connection_error(exc),
+            )
+            return None
+        if result.already_running:
+            logger.debug("another worker is sweeping; skipped")
+            return result
+        if result.worker_ids or result.job_ids or result.queue_names:
+            logger.warning(
+                "recovered %d job(s) and %d queue(s) from dead worker(s) %s; the jobs run "
+                "again after %s",
+                result.recovered_count,
+                len(result.queue_names),
+                ", ".join(result.worker_ids) or "-",
+                self.config.recovery_delay,
+            )
+            if self.hooks is not None and self.hooks.has("worker_recovered"):
+                await self.hooks.emit(
+                    "worker_recovered",
+                    WorkerRecoveredEvent(
+                        self.worker_id,
+                        tuple(result.worker_ids),
+                        tuple(result.job_ids),
+                        tuple(result.queue_names),
+                    ),
+                )
+        return result
+
+    # -- loops --------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.heartbeat_interval.total_seconds()
+        failures = 0
+        while True:
+            await asyncio.sleep(interval if failures == 0 else _retry_delay(failures, interval))
+            try:
+                await self.heartbeat()
+            except Exception as exc:  # never fatal: the next try may well succeed
+                failures += 1
+                logger.warning(
+                    "heartbeat of worker %s failed (%d in a row, retrying): %s",
+                    self.worker_id,
+                    failures,
+                    _first_line(exc),
+                )
+                continue
+            if failures:
+                logger.info(
+                    "heartbeats of worker %s resumed after %d failure(s)", self.worker_id, failures
+                )
+                failures = 0
+
+    async def _sweep_loop(self) -> None:
+        interval = self.config.sweep_interval.total_seconds()
+        while True:
+            # The first sweep runs at once: a restarted fleet recovers its dead promptly.
+            await self.sweep()
+            await asyncio.sleep(interval)
+
+    async def _run(self, op: Op[_T], *, transaction: bool = False) -> _T:
+        """Drive ``op`` within the call time limit, in a transaction if asked.
+
+        Heartbeats and deregistration are single statements: in autocommit they hold
+        no lock across a round trip. The sweep needs its transaction (its advisory lock
+        and row locks last until the commit).
+        """
+
+        async def run() -> _T:
+            if transaction:
+                async with self.engine.begin() as connection:
+                    return await drive_async(connection, op)
+            async with self._autocommit.connect() as connection:
+                return await drive_async(connection, op)
+
+        timeout = self._sweep_timeout if transaction else self._call_timeout
+        return await asyncio.wait_for(run(), timeout)
+
+
+def _retry_delay(failures: int, interval: float) -> float:
+    """Backoff after ``failures`` failed heartbeats: short, never longer than the interval."""
+    delay: float = min(interval, _FIRST_RETRY * 2.0 ** min(failures - 1, 16))
+    return delay * (0.5 + random.random() / 2)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (PoolTimeoutError, OSError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError)
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
