@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .context import CancellationSignal, WorkerContext
+from .cron import Cron, CronScheduler, CrontabError, load_crontab, parse_crontab
 from .errors import (
     DatabaseNewerThanLibrary,
     GraphileWorkerError,
@@ -28,6 +29,7 @@ from .hooks import (
     JobFailEvent,
     JobLockLostEvent,
     Skip,
+    WorkerRecoveredEvent,
     WorkerStartEvent,
     WorkerStopEvent,
 )
@@ -51,6 +53,9 @@ __all__ = [
     "CancellationSignal",
     "CleanupTask",
     "Continue",
+    "Cron",
+    "CronScheduler",
+    "CrontabError",
     "DatabaseNewerThanLibrary",
     "Fail",
     "FunctionTask",
@@ -79,13 +84,16 @@ __all__ = [
     "TaskHandler",
     "Worker",
     "WorkerContext",
+    "WorkerRecoveredEvent",
     "WorkerRecoveryConfig",
     "WorkerSchema",
     "WorkerStartEvent",
     "WorkerStopEvent",
     "WorkerUtils",
     "__version__",
+    "load_crontab",
     "migrate",
+    "parse_crontab",
     "task",
     "worker_schema",
 ]
