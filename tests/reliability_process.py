@@ -121,8 +121,10 @@ async def main(config: dict[str, Any]) -> None:
     _config.update(config)
     _random.seed(config.get("seed"))
     concurrency = int(config.get("concurrency", 8))
+    # Few connections: four of these processes and their workers must fit PostgreSQL's
+    # default max_connections (100) beside the test itself.
     _engine = async_engine_from_url(
-        config.get("log_url", config["url"]), pool_size=4, max_overflow=2, pool_timeout=300
+        config.get("log_url", config["url"]), pool_size=2, max_overflow=1, pool_timeout=300
     )
     options: dict[str, Any] = {}
     recovery = config.get("recovery")
