@@ -13,17 +13,33 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ._ops import Op
+from ._ops import Op, Request
 
-__all__ = ["drive", "drive_async"]
+__all__ = ["drive", "drive_async", "first_request"]
 
 _T = TypeVar("_T")
 
 
-def drive(connection: Connection, op: Op[_T]) -> _T:
-    """Run ``op`` to its end on a sync ``connection``; return its value."""
+def first_request(op: Op[_T]) -> tuple[Request | None, _T | None]:
+    """Take ``op``'s first request, or its value when it needs no database at all.
+
+    Lets a caller skip opening a connection or transaction for operations answered
+    from memory (an empty ``add_jobs``, say).
+    """
     try:
-        request = next(op)
+        return next(op), None
+    except StopIteration as stop:
+        return None, stop.value
+
+
+def drive(connection: Connection, op: Op[_T], request: Request | None = None) -> _T:
+    """Run ``op`` to its end on a sync ``connection``; return its value.
+
+    ``request`` is the operation's first request when :func:`first_request` took it.
+    """
+    try:
+        if request is None:
+            request = next(op)
         while True:
             result: Result[Any] = connection.execute(request[0], dict(request[1]))
             request = op.send(result)
@@ -31,10 +47,13 @@ def drive(connection: Connection, op: Op[_T]) -> _T:
         return stop.value  # type: ignore[no-any-return]
 
 
-async def drive_async(connection: AsyncConnection, op: Op[_T]) -> _T:
+async def drive_async(
+    connection: AsyncConnection, op: Op[_T], request: Request | None = None
+) -> _T:
     """Run ``op`` to its end on an async ``connection``; return its value."""
     try:
-        request = next(op)
+        if request is None:
+            request = next(op)
         while True:
             result: Result[Any] = await connection.execute(request[0], dict(request[1]))
             request = op.send(result)

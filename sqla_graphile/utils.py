@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.engine import Result
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
@@ -35,6 +34,7 @@ from ._admin import (
     lock_holders_op,
     stats_op,
 )
+from ._drive import drive, drive_async, first_request
 from ._ops import NameCache, Op, Operations
 from ._urls import async_engine_from_url, engine_from_url
 from .errors import translate_db_error
@@ -57,8 +57,8 @@ __all__ = ["AsyncWorkerUtils", "WorkerUtils"]
 _DEFAULT_THRESHOLD = WorkerRecoveryConfig().sweep_threshold
 
 _T = TypeVar("_T")
-SyncBind = Engine | Connection | Session | str
-AsyncBind = AsyncEngine | AsyncConnection | AsyncSession | str
+_Bind = TypeVar("_Bind")
+_U = TypeVar("_U", bound="_UtilsBase[Any]")
 
 
 def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJobSpec]:
@@ -67,32 +67,69 @@ def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJ
     ]
 
 
-class _UtilsBase:
-    """What both twins hold: the bind, the schema and the operations."""
+class _UtilsBase(Generic[_Bind]):
+    """What both twins share: binding, options, caches, error translation."""
+
+    #: The kinds of bind this twin accepts, and the twin to use for the others.
+    _BIND_TYPES: ClassVar[tuple[type, ...]]
+    _OTHER_TWIN: ClassVar[str]
 
     def __init__(
         self,
-        bind: Any,
-        schema: str,
-        hooks: Hooks | None,
-        savepoint: bool,
-        known_identifiers: Collection[str],
-        names: NameCache | None,
+        bind: _Bind | str,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        hooks: Hooks | None = None,
+        savepoint: bool = False,
+        known_identifiers: Collection[str] = (),
+        _names: NameCache | None = None,
     ) -> None:
+        self._owned_engine: Any = None
+        if isinstance(bind, str):
+            bind = self._owned_engine = self._engine_from_url(bind)
+        if not isinstance(bind, self._BIND_TYPES):
+            kinds = ", ".join(kind.__name__ for kind in self._BIND_TYPES)
+            raise TypeError(
+                f"{type(self).__name__} needs one of {kinds} or a URL; "
+                f"for {type(bind).__name__} use {self._OTHER_TWIN}"
+            )
+        self.bind: _Bind = cast("_Bind", bind)
         self.schema = validate_schema_name(schema)
         self.hooks = hooks
         self.savepoint = savepoint
         self.known_identifiers = frozenset(known_identifiers)
-        self._names = names or NameCache()
+        self._names = _names or NameCache()
         self.ops = Operations(self.schema, hooks, self._names, self.known_identifiers)
-        self.bind = bind
 
-    def _translate(self, exc: Exception) -> Exception:
-        in_transaction = not self.savepoint and not isinstance(self.bind, (Engine, AsyncEngine))
-        return translate_db_error(exc, schema=self.schema, in_transaction=in_transaction) or exc
+    @staticmethod
+    def _engine_from_url(url: str) -> Any:
+        raise NotImplementedError
+
+    def using(self: _U, bind: _Bind, *, savepoint: bool | None = None) -> _U:
+        """The same utils (schema, hooks, caches) bound to ``bind``, e.g. a request's session."""
+        return type(self)(
+            bind,
+            self.schema,
+            hooks=self.hooks,
+            savepoint=self.savepoint if savepoint is None else savepoint,
+            known_identifiers=self.known_identifiers,
+            _names=self._names,
+        )
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Re-raise database errors as the library's named exceptions where one fits."""
+        try:
+            yield
+        except (DBAPIError, UnicodeEncodeError) as exc:
+            in_transaction = not self.savepoint and not isinstance(self.bind, (Engine, AsyncEngine))
+            translated = translate_db_error(exc, schema=self.schema, in_transaction=in_transaction)
+            if translated is None:
+                raise
+            raise translated from exc
 
 
-class WorkerUtils(_UtilsBase):
+class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
     """Job management on a sync ``Engine``, ``Connection``, ``Session`` or URL.
 
     ``schema`` names the worker schema (``graphile_worker``); ``hooks`` brings
@@ -101,40 +138,12 @@ class WorkerUtils(_UtilsBase):
     writes intact.
     """
 
-    def __init__(
-        self,
-        bind: SyncBind,
-        schema: str = DEFAULT_SCHEMA,
-        *,
-        hooks: Hooks | None = None,
-        savepoint: bool = False,
-        known_identifiers: Collection[str] = (),
-        _names: NameCache | None = None,
-    ) -> None:
-        self._owned_engine: Engine | None = None
-        if isinstance(bind, str):
-            bind = self._owned_engine = engine_from_url(bind)
-        if not isinstance(bind, (Engine, Connection, Session)):
-            raise TypeError(
-                "WorkerUtils needs an Engine, Connection, Session or URL; "
-                f"for {type(bind).__name__} use AsyncWorkerUtils"
-            )
-        super().__init__(bind, schema, hooks, savepoint, known_identifiers, _names)
+    _BIND_TYPES = (Engine, Connection, Session)
+    _OTHER_TWIN = "AsyncWorkerUtils"
 
-    # -- binding ------------------------------------------------------------------
-
-    def using(
-        self, bind: Engine | Connection | Session, *, savepoint: bool | None = None
-    ) -> WorkerUtils:
-        """The same utils (schema, hooks, caches) bound to ``bind``, e.g. a request's session."""
-        return WorkerUtils(
-            bind,
-            self.schema,
-            hooks=self.hooks,
-            savepoint=self.savepoint if savepoint is None else savepoint,
-            known_identifiers=self.known_identifiers,
-            _names=self._names,
-        )
+    @staticmethod
+    def _engine_from_url(url: str) -> Engine:
+        return engine_from_url(url)
 
     def close(self) -> None:
         """Dispose of the engine this utils created from a URL (nothing otherwise)."""
@@ -163,23 +172,11 @@ class WorkerUtils(_UtilsBase):
             yield bind.connection() if isinstance(bind, Session) else bind
 
     def _run(self, op: Op[_T]) -> _T:
-        try:
-            request = next(op)
-        except StopIteration as stop:  # answered without the database
-            return stop.value  # type: ignore[no-any-return]
-        try:
-            with self._connection() as connection:
-                while True:
-                    result: Result[Any] = connection.execute(request[0], dict(request[1]))
-                    try:
-                        request = op.send(result)
-                    except StopIteration as stop:
-                        return stop.value  # type: ignore[no-any-return]
-        except (DBAPIError, UnicodeEncodeError) as exc:
-            translated = self._translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+        request, value = first_request(op)
+        if request is None:  # answered without the database
+            return value  # type: ignore[return-value]
+        with self._translated(), self._connection() as connection:
+            return drive(connection, op, request)
 
     # -- adding jobs --------------------------------------------------------------
 
@@ -286,44 +283,18 @@ class WorkerUtils(_UtilsBase):
         migrate(bind.connection() if isinstance(bind, Session) else bind, schema=self.schema)
 
 
-class AsyncWorkerUtils(_UtilsBase):
+class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession]):
     """The asyncio twin of :class:`WorkerUtils`: same methods, same semantics, awaited.
 
     It binds to an ``AsyncEngine``, ``AsyncConnection``, ``AsyncSession`` or a URL.
     """
 
-    def __init__(
-        self,
-        bind: AsyncBind,
-        schema: str = DEFAULT_SCHEMA,
-        *,
-        hooks: Hooks | None = None,
-        savepoint: bool = False,
-        known_identifiers: Collection[str] = (),
-        _names: NameCache | None = None,
-    ) -> None:
-        self._owned_engine: AsyncEngine | None = None
-        if isinstance(bind, str):
-            bind = self._owned_engine = async_engine_from_url(bind)
-        if not isinstance(bind, (AsyncEngine, AsyncConnection, AsyncSession)):
-            raise TypeError(
-                "AsyncWorkerUtils needs an AsyncEngine, AsyncConnection, AsyncSession or URL; "
-                f"for {type(bind).__name__} use WorkerUtils"
-            )
-        super().__init__(bind, schema, hooks, savepoint, known_identifiers, _names)
+    _BIND_TYPES = (AsyncEngine, AsyncConnection, AsyncSession)
+    _OTHER_TWIN = "WorkerUtils"
 
-    def using(
-        self, bind: AsyncEngine | AsyncConnection | AsyncSession, *, savepoint: bool | None = None
-    ) -> AsyncWorkerUtils:
-        """The same utils (schema, hooks, caches) bound to ``bind``."""
-        return AsyncWorkerUtils(
-            bind,
-            self.schema,
-            hooks=self.hooks,
-            savepoint=self.savepoint if savepoint is None else savepoint,
-            known_identifiers=self.known_identifiers,
-            _names=self._names,
-        )
+    @staticmethod
+    def _engine_from_url(url: str) -> AsyncEngine:
+        return async_engine_from_url(url)
 
     async def close(self) -> None:
         """Dispose of the engine this utils created from a URL (nothing otherwise)."""
@@ -351,23 +322,12 @@ class AsyncWorkerUtils(_UtilsBase):
             yield await bind.connection() if isinstance(bind, AsyncSession) else bind
 
     async def _run(self, op: Op[_T]) -> _T:
-        try:
-            request = next(op)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        try:
+        request, value = first_request(op)
+        if request is None:
+            return value  # type: ignore[return-value]
+        with self._translated():
             async with self._connection() as connection:
-                while True:
-                    result: Result[Any] = await connection.execute(request[0], dict(request[1]))
-                    try:
-                        request = op.send(result)
-                    except StopIteration as stop:
-                        return stop.value  # type: ignore[no-any-return]
-        except (DBAPIError, UnicodeEncodeError) as exc:
-            translated = self._translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+                return await drive_async(connection, op, request)
 
     async def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_job`."""
