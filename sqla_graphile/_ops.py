@@ -50,13 +50,22 @@ from .functions import WorkerFunctions, worker_functions
 from .hooks import Hooks
 from .job import Job
 from .schema import WorkerSchema, worker_schema
-from .specs import CleanupTask, JobKeyMode, JobSpec, RawJobSpec, RescheduleJobOptions
+from .specs import (
+    DEFAULT_SPEC,
+    CleanupTask,
+    JobKeyMode,
+    JobSpec,
+    RawJobSpec,
+    RescheduleJobOptions,
+)
 from .tasks import (
     batch_payload,
     encode_json_value,
+    encode_json_values,
     encode_payload,
     identifier_of,
     to_json_value,
+    to_json_values,
 )
 
 __all__ = ["ANALYZE_THRESHOLD", "KEY_RACE_RETRIES", "Op", "Operations", "Request"]
@@ -224,12 +233,13 @@ def _insert_many(schema: WorkerSchema) -> Select[Any]:
     """Insert many unkeyed jobs as ``add_jobs`` would, given their task and queue ids.
 
     ``targets`` is a JSON array of ``{k, t, i, q, qn}``: a number, a task id and its
-    identifier, a queue id and its name (or nulls). ``jobs`` is a JSON array of
-    ``{o, k, p, pr, ra, ma, f}``: position, target number, payload, priority, run_at,
-    max_attempts, flags object (absent fields are NULL). Each target is checked once
-    against its rows; jobs of a target that fails the check are not inserted. Rows are
-    inserted in ``o`` order, so ids ascend with the positions. Returns one row: the ids,
-    run_ats, created_at, task ids and queue ids, the arrays in id order.
+    identifier, a queue id and its name (or nulls). ``payloads`` is the JSON array of the
+    jobs' payloads, ``jobs`` the JSON array of their ``{k, pr, ra, ma, f}``: target
+    number, priority, run_at, max_attempts, flags object (absent fields are NULL); the
+    two are matched by position. Each target is checked once against its rows; jobs of
+    a target that fails the check are not inserted. Rows are inserted in position order,
+    so ids ascend with the positions. Returns one row: the ids, run_ats, created_at, task
+    ids and queue ids, the arrays in id order.
     """
     jobs, tasks, queues = schema.private_jobs, schema.private_tasks, schema.private_job_queues
     targets = (
@@ -256,30 +266,35 @@ def _insert_many(schema: WorkerSchema) -> Select[Any]:
         .cte("guarded")
         .prefix_with("MATERIALIZED")
     )
-    spec = (
-        func.json_to_recordset(cast(bindparam("jobs", type_=Text), postgresql.JSON))
-        .table_valued(
-            column("o", Integer),
-            column("k", Integer),
-            column("p", postgresql.JSON),
-            column("pr", SmallInteger),
-            column("ra", _TIMESTAMPTZ),
-            column("ma", SmallInteger),
-            column("f", postgresql.JSONB),
+
+    def elements(name: str) -> Any:
+        return (
+            func.json_array_elements(cast(bindparam(name, type_=Text), postgresql.JSON))
+            .table_valued(column("value", postgresql.JSON), with_ordinality="o")
+            .render_derived(name=name.rstrip("s"))
         )
-        .render_derived(name="spec", with_types=True)
-    )
+
+    payload, spec = elements("payloads"), elements("jobs")
+    option = spec.c.value
+
+    def field_(key: str, type_: Any) -> Any:
+        return cast(option[key].astext, type_)
+
     values = (
         select(
             guarded.c.queue_id,
             guarded.c.task_id,
-            spec.c.p,
-            func.coalesce(spec.c.pr, 0),
-            func.coalesce(spec.c.ra, func.now()),
-            func.coalesce(spec.c.ma, 25),
-            spec.c.f,
+            payload.c.value,
+            func.coalesce(field_("pr", SmallInteger), 0),
+            func.coalesce(field_("ra", _TIMESTAMPTZ), func.now()),
+            func.coalesce(field_("ma", SmallInteger), 25),
+            cast(option["f"], postgresql.JSONB),
         )
-        .select_from(spec.join(guarded, guarded.c.k == spec.c.k))
+        .select_from(
+            spec.join(payload, payload.c.o == spec.c.o).join(
+                guarded, guarded.c.k == field_("k", Integer)
+            )
+        )
         .order_by(spec.c.o)
     )
     added = (
@@ -466,7 +481,7 @@ class Operations:
     # -- adding jobs --------------------------------------------------------------
 
     def add_job(self, identifier: str, payload: Any, spec: JobSpec | None) -> Op[Job]:
-        spec = spec or JobSpec()
+        spec = spec or DEFAULT_SPEC
         payload_json = self._prepare(identifier, payload, spec)
         return (yield from self._insert_one(identifier, payload_json, spec))
 
@@ -477,7 +492,7 @@ class Operations:
         if len(identifiers) != 1:
             raise TypeError("all items of a batch job must be of one BatchTaskHandler class")
         (identifier,) = identifiers
-        spec = spec or JobSpec()
+        spec = spec or DEFAULT_SPEC
         payload = batch_payload(items)
         if self.hooks:
             payload = self.hooks.schedule(identifier, payload, spec)
@@ -516,8 +531,8 @@ class Operations:
                     inserted[1],
                     inserted[2],
                     identifier,
-                    json.loads(payload_json),
                     spec,
+                    json.loads(payload_json),
                     task_id,
                     queue_id,
                 )
@@ -550,7 +565,10 @@ class Operations:
     def add_jobs(self, jobs: Sequence[RawJobSpec]) -> Op[list[Job]]:
         if not jobs:
             return []
-        modes = {job.spec.key_mode for job in jobs}
+        modes = {
+            mode.value if isinstance(mode, JobKeyMode) else mode
+            for mode in {job.spec.job_key_mode for job in jobs}
+        }
         if JobKeyMode.UNSAFE_DEDUPE.value in modes:
             raise JobScheduleFailed(
                 "UNSAFE_DEDUPE job_key_mode is not supported in batch add_jobs; "
@@ -558,11 +576,20 @@ class Operations:
             )
         preserve = JobKeyMode.PRESERVE_RUN_AT.value in modes
         # Hooks and payload encoding run for every job before anything is written.
-        texts = [self._prepare(job.identifier, job.payload, job.spec) for job in jobs]
+        texts: list[str] | None = None
+        values: list[Any] = []
+        if self.hooks:
+            texts = [self._prepare(job.identifier, job.payload, job.spec) for job in jobs]
+        else:
+            values = to_json_values([job.payload for job in jobs])
         targets = self._targets(jobs)
         if targets is not None:
-            added = yield from self._insert_many(jobs, texts, targets)
+            # All the payloads as one JSON array, encoded (or joined) in one go.
+            document = "[" + ",".join(texts) + "]" if texts else encode_json_values(values)
+            added = yield from self._insert_many(jobs, document, targets)
         else:
+            if texts is None:
+                texts = [encode_json_value(value) for value in values]
             # One statement for the whole batch, like Node's: one notification, and every
             # key rule applied at once. It also teaches the cache the new names' ids.
             added = yield from self._add_jobs_sql(jobs, texts, preserve)
@@ -576,67 +603,94 @@ class Operations:
         ``None`` when any job must go through the SQL function.
         """
         numbers: list[int] = []
+        elements: list[str] = []
         targets: list[tuple[int, int | None]] = []
         described: list[dict[str, Any]] = []
         known: dict[tuple[int, int | None], int] = {}
+        # Runs of jobs with one identifier and one spec object share everything here.
+        last_identifier: str | None = None
+        last_spec: JobSpec | None = None
+        number = 0
+        element = ""
         for job in jobs:
-            ids = self._known_ids(job.identifier, job.spec)
-            if ids is None:
-                return None
-            number = known.get(ids)
-            if number is None:
-                number = known[ids] = len(targets)
-                targets.append(ids)
-                names = {"i": job.identifier, "qn": job.spec.queue_name}
-                described.append({"k": number, "t": ids[0], "q": ids[1], **names})
+            identifier, spec = job.identifier, job.spec
+            if spec is not last_spec or identifier != last_identifier:
+                ids = self._known_ids(identifier, spec)
+                if ids is None:
+                    return None
+                found = known.get(ids)
+                if found is None:
+                    found = known[ids] = len(targets)
+                    targets.append(ids)
+                    names = {"i": identifier, "qn": spec.queue_name}
+                    described.append({"k": found, "t": ids[0], "q": ids[1], **names})
+                number = found
+                element = f'{{"k":{number}{_options_json(spec)}}}'
+                last_identifier, last_spec = identifier, spec
             numbers.append(number)
-        return _Targets(numbers, targets, json.dumps(described))
+            elements.append(element)
+        return _Targets(numbers, targets, json.dumps(described), "[" + ",".join(elements) + "]")
 
     def _insert_many(
-        self, jobs: Sequence[RawJobSpec], texts: list[str], targets: _Targets
+        self, jobs: Sequence[RawJobSpec], document: str, targets: _Targets
     ) -> Op[list[Job]]:
-        """The fast path of a batch: one INSERT of jobs whose ids are all cached."""
+        """The fast path of a batch: one INSERT of jobs whose ids are all cached.
+
+        ``document`` is the JSON array of the jobs' payloads.
+        """
         numbers = targets.numbers
-        elements = [
-            f'{{"o":{position},"k":{number},"p":{payload}{_options_json(job.spec)}}}'
-            for position, (job, payload, number) in enumerate(
-                zip(jobs, texts, numbers, strict=True)
-            )
-        ]
         result = yield (
             self.sql.insert_jobs,
-            {"targets": targets.described, "jobs": "[" + ",".join(elements) + "]"},
+            {"targets": targets.described, "payloads": document, "jobs": targets.options},
         )
         # No row at all when nothing was inserted.
         row: Sequence[Any] = result.first() or ([], [], None, [], [])
         ids, run_ats, created_at, task_ids, queue_ids = row[:5]
-        inserted: Sequence[int] = range(len(jobs))
-        missing: list[int] = []
-        if len(ids) != len(jobs):
-            # Jobs of a task or queue whose row is gone were left out, all of them: the
-            # (task, queue) pairs that came back tell which.
-            present = set(zip(task_ids, queue_ids, strict=True))
-            gone = {k for k, ids_ in enumerate(targets.ids) if ids_ not in present}
-            inserted = [i for i, number in enumerate(numbers) if number not in gone]
-            missing = [i for i, number in enumerate(numbers) if number in gone]
         # The payloads as stored: the text sent, decoded in one go.
-        payloads = json.loads("[" + ",".join(texts) + "]")
+        payloads: list[Any] = json.loads(document)
+        target_ids = targets.ids
+        if len(ids) == len(jobs):
+            # Ids ascend with the positions (rows are inserted in position order).
+            return [
+                _inserted_job(
+                    job_id,
+                    run_at,
+                    created_at,
+                    job.identifier,
+                    job.spec,
+                    payload,
+                    *target_ids[number],
+                )
+                for job, job_id, run_at, payload, number in zip(
+                    jobs, ids, run_ats, payloads, numbers, strict=True
+                )
+            ]
+        # Jobs of a task or queue whose row is gone were left out, all of them: the
+        # (task, queue) pairs that came back tell which.
+        present = set(zip(task_ids, queue_ids, strict=True))
+        gone = {k for k, ids_ in enumerate(target_ids) if ids_ not in present}
+        inserted = [i for i, number in enumerate(numbers) if number not in gone]
+        missing = [i for i, number in enumerate(numbers) if number in gone]
         added: list[Job | None] = [None] * len(jobs)
-        # Ids ascend with the positions (rows are inserted in position order).
         for i, job_id, run_at in zip(inserted, ids, run_ats, strict=True):
             job = jobs[i]
-            task_id, queue_id = targets.ids[numbers[i]]
             added[i] = _inserted_job(
-                job_id, run_at, created_at, job.identifier, payloads[i], job.spec, task_id, queue_id
+                job_id,
+                run_at,
+                created_at,
+                job.identifier,
+                job.spec,
+                payloads[i],
+                *target_ids[numbers[i]],
             )
-        if missing:
-            for i in missing:
-                self.names.forget(jobs[i].identifier, jobs[i].spec.queue_name)
-            again = yield from self._add_jobs_sql(
-                [jobs[i] for i in missing], [texts[i] for i in missing], False
-            )
-            for i, again_job in zip(missing, again, strict=True):
-                added[i] = again_job
+        for i in missing:
+            self.names.forget(jobs[i].identifier, jobs[i].spec.queue_name)
+        # The decoded payloads encode back to the very text sent.
+        again = yield from self._add_jobs_sql(
+            [jobs[i] for i in missing], [encode_json_value(payloads[i]) for i in missing], False
+        )
+        for i, again_job in zip(missing, again, strict=True):
+            added[i] = again_job
         return added  # type: ignore[return-value]
 
     def _add_jobs_sql(
@@ -763,6 +817,7 @@ class _Targets(NamedTuple):
     numbers: list[int]  # per job, its pair's number
     ids: list[tuple[int, int | None]]  # per number, the cached task and queue ids
     described: str  # the pairs with their names, as JSON, for the insert's check
+    options: str  # per job, its pair's number and options, as a JSON array
 
 
 def _plain_options(spec: JobSpec) -> bool:
@@ -809,31 +864,35 @@ def _inserted_job(
     run_at: datetime,
     created_at: datetime,
     identifier: str,
-    payload: Any,
     spec: JobSpec,
+    payload: Any,
     task_id: int,
     queue_id: int | None,
 ) -> Job:
     """The ``Job`` of a fast-path insert: the database's id and times, the rest as sent."""
+    priority, max_attempts, flags = spec.priority, spec.max_attempts, spec.flags
+    # Positional, in field order: id, queue_name, task_identifier, payload, priority,
+    # run_at, attempts, max_attempts, last_error, created_at, updated_at (both now()),
+    # key, locked_at, locked_by, revision, flags, task_id, job_queue_id.
     return Job(
-        id=job_id,
-        queue_name=spec.queue_name,
-        task_identifier=identifier,
-        payload=payload,
-        priority=0 if spec.priority is None else spec.priority,
-        run_at=run_at,
-        attempts=0,
-        max_attempts=25 if spec.max_attempts is None else spec.max_attempts,
-        last_error=None,
-        created_at=created_at,
-        updated_at=created_at,  # both now()
-        key=None,
-        locked_at=None,
-        locked_by=None,
-        revision=0,
-        flags=frozenset(spec.flags) if spec.flags else None,
-        task_id=task_id,
-        job_queue_id=queue_id,
+        job_id,
+        spec.queue_name,
+        identifier,
+        payload,
+        0 if priority is None else priority,
+        run_at,
+        0,
+        25 if max_attempts is None else max_attempts,
+        None,
+        created_at,
+        created_at,
+        None,
+        None,
+        None,
+        0,
+        frozenset(flags) if flags else None,
+        task_id,
+        queue_id,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -68,13 +68,17 @@ class JobSpec:
         return mode.value if isinstance(mode, JobKeyMode) else mode
 
 
+#: The options of a job that sets none. ``JobSpec`` is frozen: one instance serves all.
+DEFAULT_SPEC = JobSpec()
+
+
 @dataclass(frozen=True)
 class RawJobSpec:
     """A job for :meth:`WorkerUtils.add_raw_jobs`: identifier, JSON payload and options."""
 
     identifier: str
     payload: Any = None
-    spec: JobSpec = field(default_factory=JobSpec)
+    spec: JobSpec = DEFAULT_SPEC
 
 
 @dataclass(frozen=True)

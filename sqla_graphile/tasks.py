@@ -24,7 +24,7 @@ import enum
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .errors import PayloadNotSerializable
@@ -38,9 +38,11 @@ __all__ = [
     "TaskHandler",
     "decode_payload",
     "encode_json_value",
+    "encode_json_values",
     "encode_payload",
     "task",
     "to_json_value",
+    "to_json_values",
 ]
 
 _T = TypeVar("_T")
@@ -60,6 +62,12 @@ def to_json_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value
+
+
+def to_json_values(payloads: Iterable[Any]) -> list[Any]:
+    """:func:`to_json_value` of each payload, in one pass."""
+    plain = _PLAIN
+    return [value if type(value) in plain else to_json_value(value) for value in payloads]
 
 
 def _default(value: Any) -> Any:
@@ -102,6 +110,19 @@ def encode_json_value(value: Any) -> str:
     """:func:`encode_payload` for a value :func:`to_json_value` has already converted."""
     if value is None:
         return "{}"
+    return _encode(value)
+
+
+def encode_json_values(values: list[Any]) -> str:
+    """The JSON array of many converted payloads, each as :func:`encode_json_value` has it.
+
+    One encoder call for them all; the same values are refused, and an element's text
+    is exactly its own encoding.
+    """
+    return _encode([{} if value is None else value for value in values])
+
+
+def _encode(value: Any) -> str:
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
