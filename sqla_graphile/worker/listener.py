@@ -109,11 +109,49 @@ class NotificationListener:
                 await _close(connection)
 
     async def _receive(self, connection: psycopg.AsyncConnection[Any]) -> None:
-        while True:
-            received = False
-            async for notify in connection.notifies(timeout=_HEALTH_CHECK_INTERVAL):
+        """Dispatch notifications from the socket's reader callback until the link fails.
+
+        The callback hands each notification on as soon as the loop sees the socket
+        readable: no task wakes up in between, and nothing is re-armed per notification.
+        """
+        loop = asyncio.get_running_loop()
+        pgconn = connection.pgconn
+        fileno = connection.fileno()
+        encoding = connection.info.encoding
+        dispatch = self._dispatch
+        # Notifications that arrive while a health check runs come through psycopg.
+        connection.add_notify_handler(lambda notify: dispatch(notify.channel, notify.payload))
+        failed: asyncio.Future[None] = loop.create_future()
+        received = False
+
+        def drain() -> None:
+            nonlocal received
+            while (notify := pgconn.notifies()) is not None:
                 received = True
-                self._dispatch(notify.channel, notify.payload)
+                dispatch(notify.relname.decode(encoding), notify.extra.decode(encoding))
+
+        def readable() -> None:
+            try:
+                pgconn.consume_input()
+            except Exception as exc:  # the connection is gone
+                loop.remove_reader(fileno)
+                if not failed.done():
+                    failed.set_exception(exc)
+                return
+            drain()
+
+        while True:
+            drain()  # whatever libpq already holds
+            received = False
+            timer = loop.call_later(_HEALTH_CHECK_INTERVAL, _resolve, failed)
+            loop.add_reader(fileno, readable)
+            try:
+                await failed
+            finally:
+                timer.cancel()
+                loop.remove_reader(fileno)
+            failed.result()  # raises when the connection broke
+            failed = loop.create_future()
             if not received:
                 await connection.execute("select 1")
 
@@ -130,6 +168,11 @@ class NotificationListener:
             self._on_migrate(data if isinstance(data, dict) else {})
         else:  # pragma: no cover - we listen to nothing else
             logger.debug("notification on unexpected channel %r", channel)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _close(connection: psycopg.AsyncConnection[Any] | None) -> None:

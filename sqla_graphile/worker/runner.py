@@ -220,7 +220,7 @@ class _Writer(Generic[_T]):
 class _Compiled:
     """A worker statement compiled once for the held connection's driver."""
 
-    __slots__ = ("defaults", "processors", "sql")
+    __slots__ = ("defaults", "names", "processors", "sql")
 
     def __init__(self, statement: Any, dialect: Any) -> None:
         compiled = statement.compile(dialect=dialect)
@@ -232,6 +232,8 @@ class _Compiled:
             if value is not None
         }
         self.processors = {k: v for k, v in compiled._bind_processors.items() if v is not None}
+        self.names: list[str] | None = None
+        """The result's column names, read from the first result's description."""
 
     def params(self, values: dict[str, Any]) -> dict[str, Any]:
         params = dict(self.defaults)
@@ -257,6 +259,7 @@ class _HeldConnection:
         self._engine = engine
         self._connection: AsyncConnection | None = None
         self._raw: psycopg.AsyncConnection[Any] | None = None
+        self._cursor: psycopg.AsyncCursor[Any] | None = None
         self._compiled: dict[int, _Compiled] = {}
         self._lock = asyncio.Lock()
         self.usable = True
@@ -264,7 +267,8 @@ class _HeldConnection:
     async def run(self, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self._lock:
             raw = self._raw if self._raw is not None else await self._connect()
-            if raw is None:
+            cursor = self._cursor
+            if raw is None or cursor is None:
                 raise _NotHeldError
             compiled = self._compiled.get(id(statement))
             if compiled is None:
@@ -272,10 +276,12 @@ class _HeldConnection:
                     statement, self._engine.dialect
                 )
             try:
-                cursor = await raw.execute(compiled.sql, compiled.params(params))
-                if cursor.description is None:
-                    return []
-                names = [column.name for column in cursor.description]
+                await cursor.execute(compiled.sql, compiled.params(params))
+                names = compiled.names
+                if names is None:
+                    if cursor.description is None:
+                        return []
+                    names = compiled.names = [column.name for column in cursor.description]
                 return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
             except psycopg.Error as exc:
                 broken = raw.broken or raw.closed
@@ -305,11 +311,12 @@ class _HeldConnection:
             self.usable = False
             await connection.close()
             return None
-        self._connection, self._raw = connection, raw
+        self._connection, self._raw, self._cursor = connection, raw, raw.cursor()
         return raw
 
     async def release(self, *, invalidate: bool = False) -> None:
         connection, self._connection, self._raw = self._connection, None, None
+        self._cursor = None
         if connection is None:
             return
         try:
