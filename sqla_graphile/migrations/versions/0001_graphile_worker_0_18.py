@@ -39,6 +39,8 @@ depends_on: str | Sequence[str] | None = None
 
 # Every statement below is a template: "@S" stands for the quoted schema name, which is
 # baked into the function bodies exactly as Node bakes it in at migration time.
+# NOT NULL constraints carry the names Node's history gives them (PostgreSQL 18 records
+# them in pg_constraint; older versions ignore the names).
 
 LEDGER = """
 create table if not exists @S.migrations (
@@ -64,23 +66,25 @@ create type @S.job_spec as (
     """
 create table @S._private_jobs (
   id bigint generated always as identity
-    (sequence name @S.jobs_id_seq1 start with 1 increment by 1 cache 1) not null,
+    (sequence name @S.jobs_id_seq1 start with 1 increment by 1 cache 1)
+    constraint jobs_id_not_null1 not null,
   job_queue_id integer,
-  task_id integer not null,
-  payload json default '{}'::json not null,
-  priority smallint default 0 not null,
-  run_at timestamptz default now() not null,
-  attempts smallint default 0 not null,
-  max_attempts smallint default 25 not null,
+  task_id integer constraint jobs_task_id_not_null not null,
+  payload json default '{}'::json constraint jobs_payload_not_null1 not null,
+  priority smallint default 0 constraint jobs_priority_not_null1 not null,
+  run_at timestamptz default now() constraint jobs_run_at_not_null1 not null,
+  attempts smallint default 0 constraint jobs_attempts_not_null1 not null,
+  max_attempts smallint default 25 constraint jobs_max_attempts_not_null1 not null,
   last_error text,
-  created_at timestamptz default now() not null,
-  updated_at timestamptz default now() not null,
+  created_at timestamptz default now() constraint jobs_created_at_not_null1 not null,
+  updated_at timestamptz default now() constraint jobs_updated_at_not_null1 not null,
   key text,
   locked_at timestamptz,
   locked_by text,
-  revision integer default 0 not null,
+  revision integer default 0 constraint jobs_revision_not_null1 not null,
   flags jsonb,
-  is_available boolean generated always as (locked_at is null and attempts < max_attempts) stored not null,
+  is_available boolean generated always as (locked_at is null and attempts < max_attempts) stored
+    constraint jobs_is_available_not_null not null,
   constraint jobs_pkey1 primary key (id),
   constraint jobs_key_key1 unique (key),
   constraint jobs_key_check check (length(key) > 0 and length(key) <= 512),
@@ -90,11 +94,13 @@ create table @S._private_jobs (
     """
 create table @S._private_job_queues (
   id integer generated always as identity
-    (sequence name @S.job_queues_id_seq start with 1 increment by 1 cache 1) not null,
-  queue_name text not null,
+    (sequence name @S.job_queues_id_seq start with 1 increment by 1 cache 1)
+    constraint job_queues_id_not_null not null,
+  queue_name text constraint job_queues_queue_name_not_null1 not null,
   locked_at timestamptz,
   locked_by text,
-  is_available boolean generated always as (locked_at is null) stored not null,
+  is_available boolean generated always as (locked_at is null) stored
+    constraint job_queues_is_available_not_null not null,
   constraint job_queues_pkey1 primary key (id),
   constraint job_queues_queue_name_key unique (queue_name),
   constraint job_queues_queue_name_check check (length(queue_name) <= 128)
@@ -103,8 +109,9 @@ create table @S._private_job_queues (
     """
 create table @S._private_tasks (
   id integer generated always as identity
-    (sequence name @S.tasks_id_seq start with 1 increment by 1 cache 1) not null,
-  identifier text not null,
+    (sequence name @S.tasks_id_seq start with 1 increment by 1 cache 1)
+    constraint tasks_id_not_null not null,
+  identifier text constraint tasks_identifier_not_null not null,
   constraint tasks_pkey primary key (id),
   constraint tasks_identifier_key unique (identifier),
   constraint tasks_identifier_check check (length(identifier) <= 128)
@@ -112,8 +119,8 @@ create table @S._private_tasks (
 """,
     """
 create table @S._private_known_crontabs (
-  identifier text not null,
-  known_since timestamptz not null,
+  identifier text constraint known_crontabs_identifier_not_null not null,
+  known_since timestamptz constraint known_crontabs_known_since_not_null not null,
   last_execution timestamptz,
   constraint known_crontabs_pkey primary key (identifier)
 )
