@@ -95,7 +95,7 @@ def worker_name(app_engine: Engine) -> Iterator[str]:
 
 def _app_config(url: str, schema: str) -> Config:
     config = Config(str(APP_DIR / "alembic.ini"), cmd_opts=argparse.Namespace(x=[]))
-    config.set_main_option("sqlalchemy.url", url)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser escaping
     config.cmd_opts.x = [f"graphile_worker_schema={schema}"]  # type: ignore[union-attr]
     return config
 

@@ -182,6 +182,10 @@ def _catalog(connection: Connection, schema: str) -> dict[str, list[Any]]:
               join pg_class c on c.oid = o.conrelid
               join pg_namespace n on n.oid = c.relnamespace
              where n.nspname = :s and c.relname = any(:t)
+               -- PostgreSQL 18 also lists NOT NULL constraints, named after the table's
+               -- history; Core cannot name them, and nullability is compared with the
+               -- columns above.
+               and o.contype <> 'n'
              order by 1, 2
             """
         ),
