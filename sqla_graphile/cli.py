@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ._admin import JobState
 from ._urls import engine_from_url, redact_url
+from .cron import TIME_UNITS
 from .errors import GraphileWorkerError, sqlstate_of
 from .job import Job
 from .recovery import SweepStaleWorkersOptions, WorkerRecoveryConfig
@@ -39,14 +40,8 @@ __all__ = ["main", "parse_duration", "parse_time"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNITS = {
-    "ms": timedelta(milliseconds=1),
-    "s": timedelta(seconds=1),
-    "m": timedelta(minutes=1),
-    "h": timedelta(hours=1),
-    "d": timedelta(days=1),
-    "w": timedelta(weeks=1),
-}
+# Node's time-phrase units, plus milliseconds and fractions for operators' convenience.
+_UNITS = {"ms": timedelta(milliseconds=1), **TIME_UNITS}
 
 
 def parse_duration(text: str) -> timedelta:

@@ -230,7 +230,8 @@ def _parse_schedule(fields: Sequence[str], *, line: int | None, where: str) -> _
 # -- options -----------------------------------------------------------------------------
 
 _TIME_PHRASE_PART = re.compile(r"([0-9]+)([smhdw])")
-_UNITS = {
+#: Duration units of Node's time phrases (also used by the CLI's durations).
+TIME_UNITS = {
     "s": timedelta(seconds=1),
     "m": timedelta(minutes=1),
     "h": timedelta(hours=1),
@@ -254,7 +255,7 @@ def parse_time_phrase(phrase: str) -> timedelta:
             raise ValueError(
                 f"invalid time phrase '{phrase}': did not understand '{phrase[position:]}'"
             )
-        total += int(match[1]) * _UNITS[match[2]]
+        total += int(match[1]) * TIME_UNITS[match[2]]
         position = match.end()
     return total
 
