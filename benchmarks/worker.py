@@ -13,7 +13,8 @@ Measures, each configuration on its own freshly migrated worker schema:
 2. Idle pick-up latency: an idle worker, jobs added one at a time in the worker's own
    process with the ``add_job`` statement Node's ``addJob`` sends (autocommit); the time
    from that statement returning (its commit acknowledged) to the handler's first line.
-   Median and 90th percentile after a warm-up.
+   Median and 90th percentile of the samples of several short rounds, each after a
+   warm-up.
 
 Rounds rotate who goes first, so a machine busy with something else slows all alike;
 throughput is the best round. Node runs, through ``benchmarks/node/worker.mjs``, on a
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,11 @@ class Sizes:
     repeats: int
     latency_count: int
     latency_warmup: int
+    latency_rounds: int
 
 
-FULL = Sizes(20_000, 3, 200, 50)
-QUICK = Sizes(5_000, 1, 50, 20)
+FULL = Sizes(20_000, 3, 400, 20, 5)
+QUICK = Sizes(5_000, 1, 50, 20, 1)
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def ours_latency(db: Database, label: str, is_async: bool, sizes: Sizes) -> Late
     return Latency(label, commit, call)
 
 
-def node_latency(node: str, db: Database, sizes: Sizes) -> tuple[Latency, str]:
+def node_latency(node: str, db: Database, sizes: Sizes) -> Latency:
     schema = db.fresh_schema("lat_node")
     process = NodeProcess(node, db, schema, batched=False)
     try:
@@ -328,7 +330,7 @@ def node_latency(node: str, db: Database, sizes: Sizes) -> tuple[Latency, str]:
         )
     finally:
         process.close()
-    return Latency("node", answer["from_commit_ms"], answer["from_call_ms"]), process.version
+    return Latency("node", answer["from_commit_ms"], answer["from_call_ms"])
 
 
 # -- reporting --------------------------------------------------------------------------
@@ -446,16 +448,32 @@ def latency(
     results: dict[str, Any],
     table: list[tuple[str, str, str, str, str]],
 ) -> None:
-    print("\nidle pick-up latency (add_job commit -> handler entry):", flush=True)
-    latencies = [
-        ours_latency(db, "lat_ours_def", False, sizes),
-        ours_latency(db, "lat_ours_async", True, sizes),
+    rounds = sizes.latency_rounds
+    print(
+        f"\nidle pick-up latency (add_job commit -> handler entry), {rounds} round(s) "
+        f"of {sizes.latency_count // rounds} jobs each after {sizes.latency_warmup} "
+        "warm-up jobs, in rotating order:",
+        flush=True,
+    )
+    # Short rounds, each side's samples pooled: a machine that slows down for a while
+    # slows every side alike instead of whichever ran then.
+    per_round = replace(sizes, latency_count=sizes.latency_count // rounds)
+    sides: list[tuple[str, Callable[[], Latency]]] = [
+        ("ours_default", lambda: ours_latency(db, "lat_ours_def", False, per_round)),
+        ("ours_default_async", lambda: ours_latency(db, "lat_ours_async", True, per_round)),
     ]
-    latencies[0].label, latencies[1].label = "ours_default", "ours_default_async"
-    node_lat: Latency | None = None
     if node:
-        node_lat, _ = node_latency(node, db, sizes)
-        latencies.insert(0, node_lat)
+        sides.insert(0, ("node", lambda: node_latency(node, db, per_round)))
+    pooled = {label: Latency(label, [], []) for label, _ in sides}
+    for round_ in range(rounds):
+        shift = round_ % len(sides)
+        for label, measure in sides[shift:] + sides[:shift]:
+            measured = measure()
+            pooled[label].from_commit_ms.extend(measured.from_commit_ms)
+            pooled[label].from_call_ms.extend(measured.from_call_ms)
+            print(f"  round {round_ + 1}: {label:<20} median {measured.median():.2f} ms")
+    latencies = list(pooled.values())
+    node_lat = pooled.get("node")
     for lat in latencies:
         print(
             f"  {lat.label:<20} median {lat.median():.2f} ms, p90 {lat.p90():.2f} ms "

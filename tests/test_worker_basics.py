@@ -232,6 +232,58 @@ async def test_create_utils_cleanup_keeps_fetching(engine: Engine, schema: str) 
     worker.close()
 
 
+async def test_task_gc_is_noticed_at_the_next_notification(engine: Engine, schema: str) -> None:
+    # Polling too rarely to help: the notification's fetch finds nothing under the cached
+    # task id, so the worker looks its ids up again and fetches at once.
+    done: list[int] = []
+
+    @task("renamed_by_gc")
+    async def handler(payload: Any, ctx: WorkerContext) -> None:
+        done.append(payload["n"])
+
+    worker = Worker(engine, [handler], schema=schema, poll_interval=600)
+    tasks_table = f"{quote_schema(schema)}._private_tasks"
+    async with running(worker):
+        await await_for(lambda: worker.listening, what="LISTEN")
+        before = execute(engine, f"select id from {tasks_table}")
+        WorkerUtils(engine, schema).cleanup([CleanupTask.GC_TASK_IDENTIFIERS])
+        WorkerUtils(engine, schema).add_raw_job("renamed_by_gc", {"n": 1})
+        assert execute(engine, f"select id from {tasks_table}") != before
+        await await_for(lambda: done == [1], what="the job of the re-created task")
+    worker.close()
+
+
+async def test_task_gc_is_noticed_while_busy(engine: Engine, schema: str) -> None:
+    # Every fetch is full (a backlog of "steady" jobs) and none comes back empty: the
+    # look-up every poll interval still finds the new id of "rare".
+    steady_done = 0
+    rare_done_after: list[int] = []
+
+    @task("steady")
+    async def steady(payload: Any, ctx: WorkerContext) -> None:
+        nonlocal steady_done
+        await asyncio.sleep(0.005)
+        steady_done += 1
+
+    @task("rare")
+    async def rare(payload: Any, ctx: WorkerContext) -> None:
+        rare_done_after.append(steady_done)
+
+    backlog = 2000  # at least 5 s of work at concurrency 2
+    utils = WorkerUtils(engine, schema)
+    utils.add_raw_jobs([RawJobSpec("steady", {}) for _ in range(backlog)])
+    worker = Worker(engine, [steady, rare], schema=schema, concurrency=2, poll_interval=0.2)
+    tasks_table = f"{quote_schema(schema)}._private_tasks"
+    async with running(worker):
+        await await_for(lambda: steady_done > 0, what="the backlog to start")
+        utils.cleanup([CleanupTask.GC_TASK_IDENTIFIERS])  # "rare" has no jobs: deleted
+        assert not execute(engine, f"select 1 from {tasks_table} where identifier = 'rare'")
+        utils.add_raw_job("rare", {})
+        await await_for(lambda: rare_done_after, what="the job of the re-created task")
+    worker.close()
+    assert rare_done_after[0] < backlog
+
+
 async def test_run_async_is_cancellable_and_shuts_down(engine: Engine, schema: str) -> None:
     stopped: list[str] = []
     worker = Worker(engine, [sync_fn], schema=schema)

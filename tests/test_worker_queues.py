@@ -84,13 +84,15 @@ def test_batch_fetch_locks_one_job_per_named_queue(
         + [RawJobSpec("t", {"free": n}) for n in range(3)]
     )
     sql = worker_statements(schema)
-    params = {"worker_id": "graphile_worker_test", "identifiers": ["t"], "limit": 50}
+    with engine.begin() as connection:
+        ((task_id, _),) = connection.execute(sql.task_ids, {"identifiers": ["t"]}).all()
+    params = {"worker_id": "graphile_worker_test", "task_ids": [task_id], "limit": 50}
     with engine.begin() as connection:
         fetched = connection.execute(sql.fetch, params).mappings().all()
     assert Counter(row["queue_name"] for row in fetched) == {None: 3, "A": 1, "B": 1}
     (first_a,) = [row for row in fetched if row["queue_name"] == "A"]
     assert first_a["payload"] == {"a": 0}  # the first of its queue by priority
-    assert all(row["attempts"] == 1 and row["task_identifier"] == "t" for row in fetched)
+    assert all(row["attempts"] == 1 and row["task_id"] == task_id for row in fetched)
     queues = execute(engine, f"select * from {quote_schema(schema)}._private_job_queues")
     assert {q["queue_name"]: q["locked_by"] for q in queues} == {
         "A": "graphile_worker_test",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import inspect
 import logging
@@ -598,6 +599,13 @@ class _Runtime:
         self.sql: WorkerStatements = worker_statements(worker.schema)
         self.worker_id = worker.worker_id
         self.identifiers = sorted(worker.tasks)
+        self.task_names: dict[int, str] = {}
+        """Our tasks' ids (as last looked up) and their identifiers."""
+        self.task_ids: list[int] = []
+        self.tasks_checked = 0.0
+        self.notified = 0
+        """Jobs announced by ``jobs:insert`` since the last fetch began."""
+        self.fetch_when_one_ends = False
         self.hooks = worker.hooks
         self.cancellation = CancellationSignal()
         self.local: deque[tuple[Job, float]] = deque()
@@ -620,6 +628,7 @@ class _Runtime:
         self.force_message = "Forced worker shutdown"
         self.prefetch = worker.local_queue_size > 0 and not callable(worker.forbidden_flags)
         self.all_sync = not any(entry.is_async for entry in worker.tasks.values())
+        self.any_sync = not all(entry.is_async for entry in worker.tasks.values())
         self.job_logger = logging.getLogger("sqla_graphile.worker.job")
         self._background: list[asyncio.Task[None]] = []
         self._returns: list[asyncio.Task[None]] = []
@@ -669,6 +678,7 @@ class _Runtime:
         self.refill.set()
 
     def on_insert(self, count: int) -> None:
+        self.notified += count
         self.nudge.set()
 
     def on_migrate(self, data: dict[str, Any]) -> None:
@@ -753,6 +763,7 @@ class _Runtime:
         await self.execute(
             self.sql.register_tasks, {"identifiers": self.identifiers}, what="registering tasks"
         )
+        await self.look_up_tasks()
         if self.recovery is not None:
             # Before any fetch: every lock of ours must belong to a registered worker.
             await self.recovery.register()
@@ -929,24 +940,53 @@ class _Runtime:
         listed = [str(flag) for flag in flags]
         return listed or None
 
+    async def look_up_tasks(self) -> bool:
+        """Read our tasks' ids afresh; whether they changed since the last look."""
+        rows = await self.execute(
+            self.sql.task_ids,
+            {"identifiers": self.identifiers},
+            what="looking up task ids",
+            held=self.fetch_connection,
+        )
+        self.tasks_checked = time.monotonic()
+        names = {row["id"]: row["identifier"] for row in rows}
+        if names == self.task_names:
+            return False
+        if self.task_names:
+            logger.info("task ids changed (task rows were garbage-collected); fetching anew")
+        self.task_names = names
+        self.task_ids = list(names)
+        return True
+
+    async def tasks_changed(self) -> bool:
+        """:meth:`look_up_tasks`, its failure logged and taken for "no change"."""
+        try:
+            return await self.look_up_tasks()
+        except Exception as exc:
+            if not _is_transient(exc):
+                logger.exception("looking up task ids failed")
+            return False
+
     async def fetch(self, limit: int) -> list[Job]:
         flags = await self.forbidden()
-        params: dict[str, Any] = {
-            "worker_id": self.worker_id,
-            "identifiers": self.identifiers,
-            "limit": limit,
-        }
-        statement = self.sql.fetch
+        params: dict[str, Any] = {"worker_id": self.worker_id, "task_ids": self.task_ids}
+        if limit == 1:
+            statement = self.sql.fetch_one if flags is None else self.sql.fetch_one_with_flags
+        else:
+            statement = self.sql.fetch if flags is None else self.sql.fetch_with_flags
+            params["limit"] = limit
         if flags is not None:
-            statement = self.sql.fetch_with_flags
             params["forbidden"] = flags
         rows = await self.execute(
             statement, params, what="fetching jobs", held=self.fetch_connection
         )
+        names = self.task_names
         jobs = [
-            Job.from_row(row, task_identifier=row["task_identifier"], queue_name=row["queue_name"])
+            Job.from_row(row, task_identifier=names[row["task_id"]], queue_name=row["queue_name"])
             for row in rows
         ]
+        if len(jobs) > 1:
+            jobs.sort(key=_fetch_order)
         if jobs and self.hooks.has("job_fetch"):
             for job in jobs:
                 await self.hooks.emit("job_fetch", JobEvent(job, self.worker_id))
@@ -970,10 +1010,21 @@ class _Runtime:
                 self.refill.clear()
                 await self.refill.wait(poll)
                 continue
+            announced = want
+            notified = self.notified
+            idle = not self.running and not self.local
+            if notified and idle:
+                # Woken from idle by notifications: fetch what they announced (often one
+                # job, with the cheaper single-job statement). If that many come, the
+                # next fetch, for anything else runnable, waits until one of them ends
+                # (or the poll interval), so that nothing delays their start.
+                announced = min(want, notified)
+            self.notified = 0
+            self.fetch_when_one_ends = False
             self.nudge.clear()
             writes_before = self.writes_done
             try:
-                jobs = await self.fetch(want)
+                jobs = await self.fetch(announced)
             except Exception as exc:
                 if isinstance(exc, SchemaNotMigrated) or not _is_transient(exc):
                     logger.exception("fetching jobs failed")
@@ -983,8 +1034,20 @@ class _Runtime:
             now = time.monotonic()
             self.local.extend((job, now) for job in jobs)
             self.fill_slots()
+            if idle and jobs and self.any_sync:
+                # Let a handler thread just handed a job take the GIL now, rather than
+                # when the loop next blocks: it starts its handler that much sooner.
+                time.sleep(0)
+            # Task ids are cached; a garbage collection of task rows by any process gives
+            # new jobs of our tasks new ids. Look again (with the jobs already started)
+            # when announced jobs were not found and at least every poll interval.
+            if (
+                (notified and not jobs) or now - self.tasks_checked >= poll
+            ) and await self.tasks_changed():
+                continue
             if len(jobs) >= want:
                 continue
+            self.fetch_when_one_ends = len(jobs) >= announced
             # The database had fewer runnable jobs than we asked for.
             if self.once:
                 if await self.once_finished(jobs, writes_before):
@@ -1124,6 +1187,9 @@ class _Runtime:
         if self.running.get(record.job.id) is record:
             del self.running[record.job.id]
         self.demand.set()
+        if self.fetch_when_one_ends:
+            self.fetch_when_one_ends = False
+            self.nudge.set()
         self.fill_slots()
         if not self.refill.is_set() and self.fetch_size() > 0:
             self.refill.set()
@@ -1449,6 +1515,10 @@ class _BatchItemsFailed(Exception):
     def __init__(self, failure: BatchFailure) -> None:
         super().__init__(failure.message)
         self.failure = failure
+
+
+def _fetch_order(job: Job) -> tuple[int, datetime.datetime]:
+    return job.priority, job.run_at
 
 
 def _message(error: BaseException) -> str:

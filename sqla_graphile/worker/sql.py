@@ -4,11 +4,14 @@ The protocol is Node graphile-worker 0.18's, so Node and Python workers share on
 
 ``fetch``
     Lock up to ``:limit`` runnable jobs and their named queues in one statement. A job is
-    a candidate when it is available, due, of one of our tasks (looked up *by name*, so a
-    garbage collection of task rows by any process never hides new jobs from us), free of
-    forbidden flags, and either has no queue or belongs to a queue that is unlocked and
+    a candidate when it is available, due, of one of our task ids, free of forbidden
+    flags, and either has no queue or belongs to a queue that is unlocked and
     row-lockable right now. At most one job per named queue is taken, so a named queue
     runs one job at a time across every worker.
+``task_ids``
+    Our tasks' current ids. The worker caches them, as Node does, and looks again
+    whenever a fetch finds nothing and at least every poll interval: a garbage
+    collection of task rows by any process then hides new jobs from us only briefly.
 ``complete`` / ``fail`` / ``return_jobs``
     Touch only rows whose ``locked_by`` is still ours, and unlock the queues we hold for
     them; they return the ids they really wrote, so a lost lock is noticed.
@@ -52,7 +55,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.dml import Insert, Update
 
 from ..schema import WorkerSchema, worker_schema
 
@@ -69,16 +72,23 @@ def _interval(text: str) -> ColumnElement[object]:
 class WorkerStatements:
     """The worker's statements for one worker schema.
 
-    Parameters: ``worker_id`` (our lock id) everywhere; ``identifiers`` (text[]),
-    ``limit`` and, for :attr:`fetch_with_flags`, ``forbidden`` (text[]) for fetches;
-    ``ids`` (bigint[]) for complete and return; ``ids``, ``messages`` and ``payloads``
-    (text[], JSON text or NULL to keep the payload) for fail.
+    Parameters: ``worker_id`` (our lock id) everywhere; ``task_ids`` (int[]), ``limit``
+    (batch fetches only) and, for the ``*_with_flags`` fetches, ``forbidden`` (text[]) for
+    fetches; ``identifiers`` (text[]) for registering and looking up tasks; ``ids``
+    (bigint[]) for complete and return; ``ids``, ``messages`` and ``payloads`` (text[],
+    JSON text or NULL to keep the payload) for fail.
+
+    The fetches return the locked jobs' columns and ``queue_name``, in no order; the
+    single-job ones are Node's batch-size-1 statement, cheaper when one job is wanted.
     """
 
     def __init__(self, schema: WorkerSchema) -> None:
         self.schema = schema
-        self.fetch = self._fetch(with_flags=False)
-        self.fetch_with_flags = self._fetch(with_flags=True)
+        self.fetch = self._fetch(batch=True, with_flags=False)
+        self.fetch_with_flags = self._fetch(batch=True, with_flags=True)
+        self.fetch_one = self._fetch(batch=False, with_flags=False)
+        self.fetch_one_with_flags = self._fetch(batch=False, with_flags=True)
+        self.task_ids = self._task_ids()
         self.complete = self._complete()
         self.fail = self._fail()
         self.return_jobs = self._return_jobs()
@@ -87,20 +97,11 @@ class WorkerStatements:
 
     # -- fetch ----------------------------------------------------------------------
 
-    def _fetch(self, *, with_flags: bool) -> Select[Any]:
+    def _fetch(self, *, batch: bool, with_flags: bool) -> Update:
         jobs = self.schema.private_jobs
         queues = self.schema.private_job_queues
-        tasks = self.schema.private_tasks
         worker_id = bindparam("worker_id", type_=Text)
 
-        # Our task ids as one array, computed once per statement (an InitPlan): compared
-        # with ``= any(array)`` the planner walks the (priority, run_at) index and stops
-        # at the limit, where a join with the tasks table sorts every runnable job.
-        our_tasks = func.array(
-            select(tasks.c.id)
-            .where(tasks.c.identifier == any_(bindparam("identifiers", type_=ARRAY(Text))))
-            .scalar_subquery()
-        )
         # Row-locking every available queue for the statement's duration makes concurrent
         # fetchers (Node's included) skip them: two workers can never both pick a job of
         # the same queue.
@@ -113,7 +114,9 @@ class WorkerStatements:
             # "= true" (not "is true") so the planner can use the partial indexes.
             jobs.c.is_available == true(),
             jobs.c.run_at <= func.now(),
-            jobs.c.task_id == any_(our_tasks),
+            # Ids, not names: compared with ``= any(array)`` the planner walks the
+            # (priority, run_at) index and stops at the limit.
+            jobs.c.task_id == any_(bindparam("task_ids", type_=ARRAY(Integer))),
             or_(jobs.c.job_queue_id.is_(None), jobs.c.job_queue_id.in_(lockable_queues)),
         ]
         if with_flags:
@@ -123,52 +126,49 @@ class WorkerStatements:
             select(jobs.c.id, jobs.c.job_queue_id, jobs.c.priority, jobs.c.run_at)
             .where(*conditions)
             .order_by(jobs.c.priority, jobs.c.run_at)
-            .limit(bindparam("limit", type_=Integer))
+            .limit(bindparam("limit", type_=Integer) if batch else literal_column("1", Integer))
             .with_for_update(skip_locked=True)
             .cte("candidates")
         )
-        ranked = select(
-            candidates.c.id,
-            candidates.c.job_queue_id,
-            func.row_number()
-            .over(
-                partition_by=candidates.c.job_queue_id,
-                order_by=(candidates.c.priority, candidates.c.run_at),
+        chosen = candidates
+        if batch:
+            ranked = select(
+                candidates.c.id,
+                candidates.c.job_queue_id,
+                func.row_number()
+                .over(
+                    partition_by=candidates.c.job_queue_id,
+                    order_by=(candidates.c.priority, candidates.c.run_at),
+                )
+                .label("rank_in_queue"),
+            ).cte("ranked")
+            # Jobs without a queue are all kept; of each named queue only the first.
+            chosen = (
+                select(ranked.c.id, ranked.c.job_queue_id)
+                .where(or_(ranked.c.job_queue_id.is_(None), ranked.c.rank_in_queue == 1))
+                .cte("chosen")
             )
-            .label("rank_in_queue"),
-        ).cte("ranked")
-        # Jobs without a queue are all kept; of each named queue only the first.
-        chosen = (
-            select(ranked.c.id, ranked.c.job_queue_id)
-            .where(or_(ranked.c.job_queue_id.is_(None), ranked.c.rank_in_queue == 1))
-            .cte("chosen")
-        )
         locked_queues = (
             update(queues)
-            .where(queues.c.id.in_(select(chosen.c.job_queue_id)))
+            .where(queues.c.id == chosen.c.job_queue_id)
             .values(locked_by=worker_id, locked_at=func.now())
             .returning(queues.c.id, queues.c.queue_name)
             .cte("locked_queues")
         )
-        locked_jobs = (
-            update(jobs)
-            .where(jobs.c.id.in_(select(chosen.c.id)))
-            .values(attempts=jobs.c.attempts + 1, locked_by=worker_id, locked_at=func.now())
-            .returning(*(c for c in jobs.c if c.name != "is_available"))
-            .cte("locked_jobs")
+        # The chosen jobs with the names of the queues just locked (none for a job
+        # without a queue); the task identifier is the caller's, who knows its task ids.
+        targets = (
+            select(chosen.c.id, locked_queues.c.queue_name)
+            .select_from(
+                chosen.outerjoin(locked_queues, locked_queues.c.id == chosen.c.job_queue_id)
+            )
+            .subquery("targets")
         )
         return (
-            select(
-                *locked_jobs.c,
-                tasks.c.identifier.label("task_identifier"),
-                locked_queues.c.queue_name,
-            )
-            .select_from(
-                locked_jobs.outerjoin(tasks, tasks.c.id == locked_jobs.c.task_id).outerjoin(
-                    locked_queues, locked_queues.c.id == locked_jobs.c.job_queue_id
-                )
-            )
-            .order_by(locked_jobs.c.priority, locked_jobs.c.run_at)
+            update(jobs)
+            .where(jobs.c.id == targets.c.id)
+            .values(attempts=jobs.c.attempts + 1, locked_by=worker_id, locked_at=func.now())
+            .returning(*(c for c in jobs.c if c.name != "is_available"), targets.c.queue_name)
         )
 
     # -- releasing jobs -------------------------------------------------------------
@@ -280,6 +280,12 @@ class WorkerStatements:
         return select(
             select(func.count()).select_from(swept_jobs).scalar_subquery().label("jobs"),
             select(func.count()).select_from(swept_queues).scalar_subquery().label("queues"),
+        )
+
+    def _task_ids(self) -> Select[Any]:
+        tasks = self.schema.private_tasks
+        return select(tasks.c.id, tasks.c.identifier).where(
+            tasks.c.identifier == any_(bindparam("identifiers", type_=ARRAY(Text)))
         )
 
     def _register_tasks(self) -> Insert:
