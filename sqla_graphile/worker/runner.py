@@ -61,6 +61,7 @@ from ..schema import DEFAULT_SCHEMA, validate_schema_name
 from ..utils import AsyncWorkerUtils, WorkerUtils
 from ._threads import HandlerThreads
 from .listener import NotificationListener
+from .quick import QuickFetch
 from .recovery import RecoveryAgent
 from .sql import WorkerStatements, worker_statements
 from .tasks import BatchFailure, BatchJobError, TaskRegistry, WorkerTask, batch_outcome
@@ -314,6 +315,11 @@ class _HeldConnection:
             return None
         self._connection, self._raw, self._cursor = connection, raw, raw.cursor()
         return raw
+
+    @property
+    def raw(self) -> psycopg.AsyncConnection[Any] | None:
+        """The psycopg connection held right now (``None`` between connections)."""
+        return self._raw if self.usable else None
 
     async def release(self, *, invalidate: bool = False) -> None:
         connection, self._connection, self._raw = self._connection, None, None
@@ -606,6 +612,9 @@ class _Runtime:
         self.notified = 0
         """Jobs announced by ``jobs:insert`` since the last fetch began."""
         self.fetch_when_one_ends = False
+        self.quick: QuickFetch | None = None
+        self.fetch_waiting = False
+        """Whether the fetch task is parked, idle, leaving its connection to a quick fetch."""
         self.hooks = worker.hooks
         self.cancellation = CancellationSignal()
         self.local: deque[tuple[Job, float]] = deque()
@@ -679,6 +688,16 @@ class _Runtime:
 
     def on_insert(self, count: int) -> None:
         self.notified += count
+        quick = self.quick
+        if (
+            quick is not None
+            and self.fetch_waiting
+            and not (self.running or self.local or self.stopping)
+            and not self.hooks.has("job_fetch")  # an async observer needs the fetch task
+            and quick.start({"worker_id": self.worker_id, "task_ids": self.task_ids})
+        ):
+            self.notified = 0
+            return
         self.nudge.set()
 
     def on_migrate(self, data: dict[str, Any]) -> None:
@@ -806,6 +825,10 @@ class _Runtime:
                 on_connect=self.nudge.set,
             )
             self._background.append(asyncio.create_task(self.listener.run(), name="listener"))
+            if self.worker.forbidden_flags is None:
+                self.quick = QuickFetch(
+                    self.sql.fetch_one, on_rows=self.quick_rows, on_fallback=self.quick_fallback
+                )
         if not self.once:
             self._background.append(asyncio.create_task(self.sweep_loop(), name="sweep"))
         if self.worker.crontab and not self.once:
@@ -980,6 +1003,14 @@ class _Runtime:
         rows = await self.execute(
             statement, params, what="fetching jobs", held=self.fetch_connection
         )
+        jobs = self.jobs_of(rows)
+        if jobs and self.hooks.has("job_fetch"):
+            for job in jobs:
+                await self.hooks.emit("job_fetch", JobEvent(job, self.worker_id))
+        return jobs
+
+    def jobs_of(self, rows: list[dict[str, Any]]) -> list[Job]:
+        """The jobs of a fetch's rows, in the order they should start."""
         names = self.task_names
         jobs = [
             Job.from_row(row, task_identifier=names[row["task_id"]], queue_name=row["queue_name"])
@@ -987,10 +1018,33 @@ class _Runtime:
         ]
         if len(jobs) > 1:
             jobs.sort(key=_fetch_order)
-        if jobs and self.hooks.has("job_fetch"):
-            for job in jobs:
-                await self.hooks.emit("job_fetch", JobEvent(job, self.worker_id))
         return jobs
+
+    def take(self, jobs: list[Job], *, idle: bool) -> None:
+        """Start (or queue locally) jobs just fetched."""
+        self.ttl_expired = False
+        now = time.monotonic()
+        self.local.extend((job, now) for job in jobs)
+        self.fill_slots()
+        if idle and jobs and self.any_sync:
+            # Let a handler thread just handed a job take the GIL now, rather than
+            # when the loop next blocks: it starts its handler that much sooner.
+            time.sleep(0)
+
+    def quick_rows(self, rows: list[dict[str, Any]]) -> None:
+        """The answer of a quick fetch (:mod:`.quick`)."""
+        jobs = self.jobs_of(rows)
+        if not jobs:
+            self.quick_fallback()
+            return
+        self.take(jobs, idle=True)
+        # As after any fetch of what was announced: the next waits until a job ends.
+        self.fetch_when_one_ends = True
+
+    def quick_fallback(self) -> None:
+        """A quick fetch found nothing or failed: the fetch task fetches at once."""
+        self.notified = max(self.notified, 1)
+        self.nudge.set()
 
     async def fetch_loop(self) -> None:
         try:
@@ -1030,14 +1084,8 @@ class _Runtime:
                     logger.exception("fetching jobs failed")
                 await _wait_event(self.stop_event, poll)
                 continue
-            self.ttl_expired = False
+            self.take(jobs, idle=idle)
             now = time.monotonic()
-            self.local.extend((job, now) for job in jobs)
-            self.fill_slots()
-            if idle and jobs and self.any_sync:
-                # Let a handler thread just handed a job take the GIL now, rather than
-                # when the loop next blocks: it starts its handler that much sooner.
-                time.sleep(0)
             # Task ids are cached; a garbage collection of task rows by any process gives
             # new jobs of our tasks new ids. Look again (with the jobs already started)
             # when announced jobs were not found and at least every poll interval.
@@ -1054,7 +1102,21 @@ class _Runtime:
                     return
                 continue
             if not self.nudge.is_set():
-                await self.nudge.wait(poll)
+                await self.wait_idle(poll)
+
+    async def wait_idle(self, poll: float) -> None:
+        """Wait for a nudge (or the poll interval); a quick fetch may run meanwhile."""
+        quick = self.quick
+        if quick is None or not await quick.prepare(self.fetch_connection.raw):
+            await self.nudge.wait(poll)
+            return
+        self.fetch_waiting = True
+        try:
+            await self.nudge.wait(poll)
+        finally:
+            self.fetch_waiting = False
+            # The connection is the fetch task's again only once the answer is in.
+            await quick.settled()
 
     async def once_finished(self, jobs: list[Job], writes_before: int) -> bool:
         """In run-once mode: whether nothing is left to do, after a short fetch."""
