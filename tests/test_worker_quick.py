@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
@@ -33,6 +34,18 @@ def fetch_session(worker: Worker) -> int | None:
     return raw.info.backend_pid if raw is not None else None
 
 
+async def add_and_see_it_fetched_quickly(
+    engine: Engine, pid: int, add: Callable[[], Any], started: Callable[[], Any]
+) -> None:
+    """Add a job, wait until its handler ``started``; then the fetch session ``pid``'s
+    last statement must be its prepared fetch, run after the add."""
+    (before,) = execute(engine, "select clock_timestamp() as at")
+    add()
+    await await_for(started, what="the handler")
+    query, ran_at = last_statement(engine, pid)
+    assert query.startswith("PREPARE sqla_graphile_fetch_") and ran_at > before["at"]
+
+
 async def test_notified_job_is_locked_by_the_prepared_fetch(
     engine: Engine, schema: str, utils: WorkerUtils
 ) -> None:
@@ -47,12 +60,9 @@ async def test_notified_job_is_locked_by_the_prepared_fetch(
     worker = Worker(engine, [held], schema=schema, poll_interval=600)
     async with running(worker):
         pid = await await_for(lambda: fetch_session(worker), what="an idle fetcher")
-        (before,) = execute(engine, "select clock_timestamp() as at")
-        utils.add_raw_job("held", {})
-        await asyncio.wait_for(entered.wait(), 30)
-        # The fetch session's last statement is its prepared fetch, run after the add.
-        query, ran_at = last_statement(engine, pid)
-        assert query.startswith("PREPARE sqla_graphile_fetch_") and ran_at > before["at"]
+        await add_and_see_it_fetched_quickly(
+            engine, pid, lambda: utils.add_raw_job("held", {}), entered.is_set
+        )
         (job,) = rows(engine, schema)
         assert job["locked_by"] == worker.worker_id and job["attempts"] == 1
         release.set()
@@ -83,11 +93,9 @@ async def test_quick_fetch_on_a_dead_connection_falls_back(
             lambda: (fetch_session(worker) or pid) != pid and fetch_session(worker),
             what="a new idle fetcher",
         )
-        (before,) = execute(engine, "select clock_timestamp() as at")
-        utils.add_raw_job("counted", {"n": 2})
-        await await_for(lambda: done == [1, 2], what="the next job")
-        query, ran_at = last_statement(engine, new_pid)
-        assert query.startswith("PREPARE sqla_graphile_fetch_") and ran_at > before["at"]
+        await add_and_see_it_fetched_quickly(
+            engine, new_pid, lambda: utils.add_raw_job("counted", {"n": 2}), lambda: done == [1, 2]
+        )
         release.set()
         await await_for(lambda: not rows(engine, schema), what="completions")
     worker.close()
