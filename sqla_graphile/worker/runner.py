@@ -615,6 +615,8 @@ class _Runtime:
         self.quick: QuickFetch | None = None
         self.fetch_waiting = False
         """Whether the fetch task is parked, idle, leaving its connection to a quick fetch."""
+        self.tasks_suspect = False
+        """Whether a quick fetch came back empty: the fetch task looks up the task ids."""
         self.hooks = worker.hooks
         self.cancellation = CancellationSignal()
         self.local: deque[tuple[Job, float]] = deque()
@@ -1035,14 +1037,15 @@ class _Runtime:
         """The answer of a quick fetch (:mod:`.quick`)."""
         jobs = self.jobs_of(rows)
         if not jobs:
-            self.quick_fallback()
+            self.tasks_suspect = True
+            self.nudge.set()
             return
         self.take(jobs, idle=True)
         # As after any fetch of what was announced: the next waits until a job ends.
         self.fetch_when_one_ends = True
 
     def quick_fallback(self) -> None:
-        """A quick fetch found nothing or failed: the fetch task fetches at once."""
+        """A quick fetch failed: the fetch task fetches at once."""
         self.notified = max(self.notified, 1)
         self.nudge.set()
 
@@ -1057,6 +1060,15 @@ class _Runtime:
     async def _fetch_loop(self) -> None:
         poll = self.worker.poll_interval
         while not self.stopping:
+            if self.tasks_suspect:
+                # A quick fetch found none of the jobs announced: they may be another
+                # worker's, or of tasks not ours, or ours under task ids we do not know
+                # yet. Only the last needs a fetch, so look up the ids first.
+                self.tasks_suspect = False
+                self.nudge.clear()
+                if not await self.tasks_changed() and not self.nudge.is_set():
+                    await self.wait_idle(poll)
+                continue
             self.expire_local_jobs()
             want = self.fetch_size()
             if want == 0:
