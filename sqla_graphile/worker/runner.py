@@ -1439,24 +1439,48 @@ class _Runtime:
 
     # -- writing outcomes -------------------------------------------------------------
 
-    async def write_completions(self, batch: list[_Completion]) -> None:
+    async def write_outcomes(
+        self,
+        statement: Any,
+        params: dict[str, Any],
+        jobs: list[Job],
+        *,
+        doing: str,
+        outcome: str,
+        held: _HeldConnection,
+    ) -> dict[int, dict[str, Any]] | None:
+        """Write a batch of outcomes; the rows written, by job id (``None``: it failed).
+
+        ``doing`` names the write in retry warnings ("completing"), ``outcome`` in the
+        error when it is given up ("completion").
+        """
         try:
             rows = await self.execute(
-                self.sql.complete,
-                {"worker_id": self.worker_id, "ids": [c.job.id for c in batch]},
-                what=f"completing {len(batch)} job(s)",
-                held=self.complete_connection,
+                statement, params, what=f"{doing} {len(jobs)} job(s)", held=held
             )
         except Exception:
             logger.exception(
-                "could not record the completion of job(s) %s; they stay locked until the "
-                "4-hour sweep",
-                ", ".join(str(c.job.id) for c in batch),
+                "could not record the %s of job(s) %s; they stay locked until the 4-hour sweep",
+                outcome,
+                ", ".join(str(job.id) for job in jobs),
             )
-            return
+            return None
         finally:
             self.writes_done += 1
-        done = {row["id"] for row in rows}
+        return {row["id"]: row for row in rows}
+
+    async def write_completions(self, batch: list[_Completion]) -> None:
+        jobs = [c.job for c in batch]
+        done = await self.write_outcomes(
+            self.sql.complete,
+            {"worker_id": self.worker_id, "ids": [job.id for job in jobs]},
+            jobs,
+            doing="completing",
+            outcome="completion",
+            held=self.complete_connection,
+        )
+        if done is None:
+            return
         queue_released = False
         log = logger.isEnabledFor(logging.INFO)
         observed = self.hooks.has("job_complete")
@@ -1484,29 +1508,23 @@ class _Runtime:
             self.nudge.set()
 
     async def write_failures(self, batch: list[_Failure]) -> None:
+        jobs = [f.job for f in batch]
         params = {
             "worker_id": self.worker_id,
-            "ids": [f.job.id for f in batch],
+            "ids": [job.id for job in jobs],
             "messages": [f.message for f in batch],
             "payloads": [None if f.payload is UNCHANGED else _json_text(f.payload) for f in batch],
         }
-        try:
-            rows = await self.execute(
-                self.sql.fail,
-                params,
-                what=f"failing {len(batch)} job(s)",
-                held=self.fail_connection,
-            )
-        except Exception:
-            logger.exception(
-                "could not record the failure of job(s) %s; they stay locked until the "
-                "4-hour sweep",
-                ", ".join(str(f.job.id) for f in batch),
-            )
+        written = await self.write_outcomes(
+            self.sql.fail,
+            params,
+            jobs,
+            doing="failing",
+            outcome="failure",
+            held=self.fail_connection,
+        )
+        if written is None:
             return
-        finally:
-            self.writes_done += 1
-        written = {row["id"]: row for row in rows}
         queue_released = False
         for failure in batch:
             job = failure.job

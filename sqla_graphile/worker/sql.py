@@ -10,7 +10,7 @@ The protocol is Node graphile-worker 0.18's, so Node and Python workers share on
     runs one job at a time across every worker.
 ``task_ids``
     Our tasks' current ids. The worker caches them, as Node does, and looks again
-    whenever a fetch finds nothing and at least every poll interval: a garbage
+    whenever announced jobs are not found and at least every poll interval: a garbage
     collection of task rows by any process then hides new jobs from us only briefly.
 ``complete`` / ``fail`` / ``return_jobs``
     Touch only rows whose ``locked_by`` is still ours, and unlock the queues we hold for
