@@ -20,13 +20,8 @@ is 0 even when a target is missed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
-import platform
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import sqlalchemy
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import URL, make_url
+from common import Schemas, database_url, parser, verdict, versions
+from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from sqla_graphile import AsyncWorkerUtils, RawJobSpec, WorkerUtils, __version__, migrate
+from sqla_graphile import AsyncWorkerUtils, RawJobSpec, WorkerUtils
 from sqla_graphile.schema import quote_schema
 
 HERE = Path(__file__).resolve().parent
@@ -127,37 +121,17 @@ class Side:
         return count / self.best
 
 
-@dataclass
-class Context:
+@dataclass(kw_only=True)
+class Context(Schemas):
     """The benchmark database: engines, the node executable, the schemas created."""
 
-    url: URL
-    engine: Engine
     async_engine: AsyncEngine
     loop: asyncio.AbstractEventLoop
     node: str | None
-    token: str = field(default_factory=lambda: secrets.token_hex(3))
-    schemas: list[str] = field(default_factory=list)
-
-    @property
-    def conninfo(self) -> str:
-        return self.url.render_as_string(hide_password=False)
-
-    def fresh_schema(self, name: str) -> str:
-        schema = f"bench_{self.token}_{name}"
-        self.schemas.append(schema)
-        migrate(self.engine, schema=schema)
-        return schema
 
     def reset(self, schema: str) -> None:
         with self.engine.begin() as connection:
             connection.execute(text(f"truncate {quote_schema(schema)}._private_jobs"))
-
-    def drop_schemas(self) -> None:
-        with self.engine.begin() as connection:
-            for schema in self.schemas:
-                connection.execute(text(f"drop schema if exists {quote_schema(schema)} cascade"))
-        self.schemas.clear()
 
 
 @dataclass(frozen=True)
@@ -241,10 +215,6 @@ def node_side(ctx: Context, mode: str, batch: int = 0) -> Side:
         return run, close
 
     return Side("node", open_)
-
-
-def node_version(node: str) -> str:
-    return subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
 
 
 # -- ours, and the bare SQL baselines -------------------------------------------------
@@ -424,10 +394,6 @@ def jobs_per_s(value: float) -> str:
     return f"{value:,.0f} jobs/s"
 
 
-def verdict(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
 def sides_json(sides: dict[str, Side], count: int) -> dict[str, Any]:
     return {
         label: {
@@ -442,39 +408,22 @@ def sides_json(sides: dict[str, Side], count: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (default: $DATABASE_URL); schemas bench_* are made and dropped",
+    options = parser(
+        (__doc__ or "").split("\n\n")[0],
+        quick="small sizes, one round",
+        repeats="rounds per measurement (the best is kept)",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, one round")
-    parser.add_argument("--repeats", type=int, help="rounds per measurement (the best is kept)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--node", default=shutil.which("node"), help="the node executable")
-    args = parser.parse_args(argv)
-    if not args.database_url:
-        parser.error("give --database-url or set DATABASE_URL")
+    args = options.parse_args(argv)
+    url = database_url(args, options)
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or sizes.repeats
 
-    url = make_url(args.database_url).set(drivername="postgresql")  # plain libpq URL
     engine = create_engine(url.set(drivername="postgresql+psycopg"))
     async_engine = create_async_engine(url.set(drivername="postgresql+psycopg_async"))
     loop = asyncio.new_event_loop()
     node = args.node if args.node and NODE_SCRIPT.exists() else None
-    ctx = Context(url, engine, async_engine, loop, node)
-
-    with engine.connect() as connection:
-        server = connection.scalar(text("show server_version"))
-    environment = {
-        "python": platform.python_version(),
-        "sqlalchemy": sqlalchemy.__version__,
-        "psycopg": psycopg.__version__,
-        "sqla_graphile": __version__,
-        "node": node_version(node) if node else None,
-        "postgresql": server,
-    }
+    ctx = Context(url=url, engine=engine, async_engine=async_engine, loop=loop, node=node)
+    environment = versions(engine, node)
     print("enqueue benchmark: " + ", ".join(f"{k} {v}" for k, v in environment.items()))
     print(f"best of {repeats} round(s); each implementation on its own migrated schema\n")
     if not node:

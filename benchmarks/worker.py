@@ -23,13 +23,9 @@ schema our migrations created. The exit status is 0 even when a target is missed
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import platform
-import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import sqlalchemy
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import URL, make_url
+from common import Schemas, database_url, parser, verdict, versions
+from sqlalchemy import create_engine, text
 
-from sqla_graphile import Worker, WorkerContext, __version__, migrate, task
+from sqla_graphile import Worker, WorkerContext, task
 from sqla_graphile.schema import quote_schema
 
 HERE = Path(__file__).resolve().parent
@@ -98,25 +93,10 @@ async def async_noop(payload: Any, ctx: WorkerContext) -> None:
 
 
 @dataclass
-class Database:
-    url: URL
-    engine: Engine
-    token: str = field(default_factory=lambda: secrets.token_hex(3))
-    schemas: list[str] = field(default_factory=list)
-
-    @property
-    def conninfo(self) -> str:
-        return self.url.render_as_string(hide_password=False)
-
+class Database(Schemas):
     @property
     def sqlalchemy_url(self) -> str:
         return self.url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-
-    def fresh_schema(self, name: str) -> str:
-        schema = f"bench_{self.token}_{name}"
-        self.schemas.append(schema)
-        migrate(self.engine, schema=schema)
-        return schema
 
     def reset(self, schema: str) -> None:
         q = quote_schema(schema)
@@ -140,12 +120,6 @@ class Database:
                 )
                 or 0
             )
-
-    def drop_schemas(self) -> None:
-        with self.engine.begin() as connection:
-            for schema in self.schemas:
-                connection.execute(text(f"drop schema if exists {quote_schema(schema)} cascade"))
-        self.schemas.clear()
 
 
 # -- the configurations -----------------------------------------------------------------
@@ -336,10 +310,6 @@ def node_latency(node: str, db: Database, sizes: Sizes) -> Latency:
 # -- reporting --------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
 def throughput(
     db: Database,
     node: str | None,
@@ -511,41 +481,25 @@ def latency(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (default: $DATABASE_URL); schemas bench_* are made and dropped",
+    options = parser(
+        (__doc__ or "").split("\n\n")[0],
+        quick="fewer jobs, one round",
+        repeats="throughput rounds (the best is kept)",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer jobs, one round")
-    parser.add_argument("--repeats", type=int, help="throughput rounds (the best is kept)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    parser.add_argument("--node", default=shutil.which("node"), help="the node executable")
-    parser.add_argument(
+    options.add_argument(
         "--only", choices=("throughput", "latency"), help="run one of the two measurements"
     )
-    args = parser.parse_args(argv)
-    if not args.database_url:
-        parser.error("give --database-url or set DATABASE_URL")
+    args = options.parse_args(argv)
+    url = database_url(args, options)
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or sizes.repeats
 
-    url = make_url(args.database_url).set(drivername="postgresql")  # plain libpq URL
     engine = create_engine(url.set(drivername="postgresql+psycopg"))
     db = Database(url, engine)
     node = args.node if args.node and NODE_SCRIPT.exists() else None
 
-    with engine.connect() as connection:
-        server = connection.scalar(text("show server_version"))
     environment: dict[str, Any] = {
-        "python": platform.python_version(),
-        "sqlalchemy": sqlalchemy.__version__,
-        "psycopg": psycopg.__version__,
-        "sqla_graphile": __version__,
-        "node": subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
-        if node
-        else None,
-        "postgresql": server,
+        **versions(engine, node),
         "cpus": os.cpu_count(),
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
