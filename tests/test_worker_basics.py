@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from sqla_graphile import (
     AsyncWorkerUtils,
     CleanupTask,
     DatabaseNewerThanLibrary,
+    Job,
     JobSpec,
     RawJobSpec,
     SchemaNotMigrated,
@@ -300,3 +303,58 @@ async def test_run_async_is_cancellable_and_shuts_down(engine: Engine, schema: s
     with pytest.raises(asyncio.CancelledError):
         await task_
     assert stopped == ["cancelled"]
+
+
+def _tagging_loads(text: str) -> Any:
+    value = json.loads(text)
+    return {"decoded_by": "engine", **value} if isinstance(value, dict) else value
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["batch_fetch", "quick_fetch"])
+async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
+    engine: Engine, database_url: str, schema: str, utils: WorkerUtils, quick: bool
+) -> None:
+    """The fetched job is the row as ``get_job`` reads it while locked (timestamps, flags,
+    queue) and its payload is decoded by the engine's ``json_deserializer``, whether the
+    job came in a batch fetch or an idle worker's quick fetch."""
+    from sqla_graphile._urls import async_engine_from_url
+
+    seen_jobs: list[Job] = []
+    read_back: list[Job | None] = []
+
+    @task("whole")
+    def whole(payload: Any, ctx: WorkerContext) -> None:
+        seen_jobs.append(ctx.job)
+        read_back.append(ctx.utils.get_job(ctx.job.id))
+
+    spec = JobSpec(queue_name="wq", priority=2, max_attempts=7, flags=["f1", "f2"], job_key="k1")
+    async_engine = async_engine_from_url(database_url, json_deserializer=_tagging_loads)
+    try:
+        worker = Worker(async_engine, [whole], schema=schema, poll_interval=600)
+        if quick:
+            async with running(worker):
+                await await_for(lambda: fetch_ready(worker), what="an idle worker")
+                job = utils.add_raw_job("whole", {"n": 1}, spec)
+                await await_for(lambda: seen_jobs, what="the handler")
+        else:
+            job = utils.add_raw_job("whole", {"n": 1}, spec)
+            await worker.run_once_async()
+    finally:
+        await async_engine.dispose()
+
+    (seen_job,) = seen_jobs
+    assert seen_job.payload == {"decoded_by": "engine", "n": 1}
+    (locked,) = read_back
+    assert locked is not None and locked.payload == {"n": 1}
+    assert seen_job == dataclasses.replace(locked, payload=seen_job.payload)
+    assert seen_job.id == job.id and seen_job.flags == frozenset({"f1", "f2"})
+    assert seen_job.queue_name == "wq" and seen_job.key == "k1" and seen_job.max_attempts == 7
+    assert seen_job.locked_by == worker.worker_id and seen_job.attempts == 1
+    assert seen_job.run_at.tzinfo is not None and seen_job.locked_at is not None
+    assert seen_job.created_at == job.created_at and seen_job.revision == job.revision
+
+
+def fetch_ready(worker: Worker) -> bool:
+    """Whether the running worker's fetch task is parked idle (quick fetches on)."""
+    runtime = worker._runtime
+    return runtime is not None and runtime.fetch_waiting

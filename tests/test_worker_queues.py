@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections import Counter
 from typing import Any
@@ -91,7 +92,7 @@ def test_batch_fetch_locks_one_job_per_named_queue(
         fetched = connection.execute(sql.fetch, params).mappings().all()
     assert Counter(row["queue_name"] for row in fetched) == {None: 3, "A": 1, "B": 1}
     (first_a,) = [row for row in fetched if row["queue_name"] == "A"]
-    assert first_a["payload"] == {"a": 0}  # the first of its queue by priority
+    assert json.loads(first_a["payload"]) == {"a": 0}  # the first of its queue by priority
     assert all(row["attempts"] == 1 and row["task_id"] == task_id for row in fetched)
     queues = execute(engine, f"select * from {quote_schema(schema)}._private_job_queues")
     assert {q["queue_name"]: q["locked_by"] for q in queues} == {

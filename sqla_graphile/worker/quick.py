@@ -39,7 +39,7 @@ _DIALECT = psycopg_dialect.dialect(paramstyle="numeric_dollar")  # type: ignore[
 class QuickFetch:
     """Runs one prepared fetch statement on a psycopg connection from loop callbacks.
 
-    ``on_rows(rows)`` gets the answer's rows as dicts; ``on_fallback()`` is called
+    ``on_rows(rows)`` gets the answer's rows as tuples; ``on_fallback()`` is called
     instead when the quick fetch could not be completed (nothing was locked by it, or
     whatever it locked is the fetch task's to find: it fetches at once).
     """
@@ -48,7 +48,7 @@ class QuickFetch:
         self,
         statement: Any,
         *,
-        on_rows: Callable[[list[dict[str, Any]]], None],
+        on_rows: Callable[[list[tuple[Any, ...]]], None],
         on_fallback: Callable[[], None],
     ) -> None:
         compiled = statement.compile(dialect=_DIALECT)
@@ -65,7 +65,6 @@ class QuickFetch:
         self._raw: psycopg.AsyncConnection[Any] | None = None
         self._refused: psycopg.AsyncConnection[Any] | None = None
         self._transformer: Any = None  # a psycopg Transformer
-        self._names: list[str] | None = None
         self._results: list[pq.abc.PGresult] = []
         self._flight: asyncio.Future[None] | None = None
         self._socket = -1
@@ -86,7 +85,7 @@ class QuickFetch:
             logger.debug("quick fetch unavailable on this connection: %s", exc)
             self._refused = raw
             return False
-        self._raw, self._transformer, self._names = raw, Transformer(raw), None
+        self._raw, self._transformer = raw, Transformer(raw)
         return True
 
     def start(self, params: dict[str, Any]) -> bool:
@@ -102,7 +101,7 @@ class QuickFetch:
         loop = asyncio.get_running_loop()
         try:
             dumped = self._transformer.dump_sequence(ordered, [PyFormat.TEXT] * len(ordered))
-            pgconn.send_query_prepared(self._name.encode(), dumped)
+            pgconn.send_query_prepared(self._name.encode(), dumped, result_format=pq.Format.BINARY)
             self._socket = pgconn.socket
             if pgconn.flush():  # rare for so small a message: the rest when writable
                 loop.add_writer(self._socket, self._writable)
@@ -168,13 +167,7 @@ class QuickFetch:
             transformer = self._transformer
             assert transformer is not None
             transformer.set_pgresult(result)
-            names = self._names
-            if names is None:
-                names = self._names = [
-                    (result.fname(i) or b"").decode() for i in range(result.nfields)
-                ]
-            rows = transformer.load_rows(0, result.ntuples, tuple)
-            self._on_rows([dict(zip(names, row, strict=True)) for row in rows])
+            self._on_rows(transformer.load_rows(0, result.ntuples, tuple))
         except Exception:  # a bug of ours: the fetch task takes over
             logger.exception("handling a quick fetch's answer failed")
             self._on_fallback()

@@ -59,10 +59,32 @@ from sqlalchemy.sql.dml import Insert, Update
 
 from ..schema import WorkerSchema, worker_schema
 
-__all__ = ["LOCK_EXPIRY", "WorkerStatements", "worker_statements"]
+__all__ = ["FETCHED", "LOCK_EXPIRY", "WorkerStatements", "worker_statements"]
 
 #: Node's hard-coded lock expiry: a lock older than this belongs to a dead worker.
 LOCK_EXPIRY = "4 hours"
+
+
+#: The columns of a fetch's rows, in this order (a job's fields, nearly).
+FETCHED = (
+    "id",
+    "queue_name",
+    "task_id",
+    "payload",
+    "priority",
+    "run_at",
+    "attempts",
+    "max_attempts",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "key",
+    "locked_at",
+    "locked_by",
+    "revision",
+    "flags",
+    "job_queue_id",
+)
 
 
 def _interval(text: str) -> ColumnElement[object]:
@@ -78,8 +100,9 @@ class WorkerStatements:
     (bigint[]) for complete and return; ``ids``, ``messages`` and ``payloads`` (text[],
     JSON text or NULL to keep the payload) for fail.
 
-    The fetches return the locked jobs' columns and ``queue_name``, in no order; the
-    single-job ones are Node's batch-size-1 statement, cheaper when one job is wanted.
+    The fetches return the locked jobs' columns and ``queue_name``, as :data:`FETCHED`
+    names them, payload and flags as JSON text; the rows come in no order. The
+    single-job fetches are Node's batch-size-1 statement, cheaper when one job is wanted.
     """
 
     def __init__(self, schema: WorkerSchema) -> None:
@@ -164,11 +187,17 @@ class WorkerStatements:
             )
             .subquery("targets")
         )
+        returned: dict[str, ColumnElement[Any]] = {c.name: c for c in jobs.c}
+        returned["queue_name"] = targets.c.queue_name
+        # As text: the worker decodes the payload with the engine's JSON deserializer,
+        # the flags (keys it reads) with the standard one.
+        returned["payload"] = cast(jobs.c.payload, Text).label("payload")
+        returned["flags"] = cast(jobs.c.flags, Text).label("flags")
         return (
             update(jobs)
             .where(jobs.c.id == targets.c.id)
             .values(attempts=jobs.c.attempts + 1, locked_by=worker_id, locked_at=func.now())
-            .returning(*(c for c in jobs.c if c.name != "is_available"), targets.c.queue_name)
+            .returning(*(returned[name] for name in FETCHED))
         )
 
     # -- releasing jobs -------------------------------------------------------------
