@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .job import Job
 
@@ -61,19 +60,70 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-@dataclass
+class _JobLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each line with the job and carries it in ``extra`` for structured logs."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[job {extra['job_id']} {extra['task_identifier']}] {msg}", kwargs
+
+
+_JOB_LOGGER = logging.getLogger("sqla_graphile.worker.job")
+
+
 class WorkerContext:
-    """The job being run and the worker's facilities, given to every handler."""
+    """The job being run and the worker's facilities, given to every handler.
+
+    ``logger`` defaults to one tagging its lines with the job, made when first used.
+    """
+
+    __slots__ = ("_logger", "async_utils", "cancellation", "job", "utils", "worker_id")
 
     job: Job
     """The job row (payload, attempts, key …)."""
     worker_id: str
     """The lock id of the worker process running the job."""
-    logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
-    """A logger that tags its lines with the job."""
     utils: WorkerUtils
     """Job management bound to the worker's engine (each call its own transaction)."""
     cancellation: CancellationSignal
     """Set when the worker asks the job to stop."""
-    async_utils: AsyncWorkerUtils | None = None
+    async_utils: AsyncWorkerUtils | None
     """Job management on the worker's async engine, for ``async def`` handlers."""
+
+    def __init__(
+        self,
+        job: Job,
+        worker_id: str,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None,
+        utils: WorkerUtils,
+        cancellation: CancellationSignal,
+        async_utils: AsyncWorkerUtils | None = None,
+    ) -> None:
+        self.job = job
+        self.worker_id = worker_id
+        self._logger = logger
+        self.utils = utils
+        self.cancellation = cancellation
+        self.async_utils = async_utils
+
+    @property
+    def logger(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+        """A logger that tags its lines with the job (``sqla_graphile.worker.job``)."""
+        logger = self._logger
+        if logger is None:
+            job = self.job
+            # Made on first use: most jobs never log, and a worker runs thousands a second.
+            logger = self._logger = _JobLogger(
+                _JOB_LOGGER,
+                {
+                    "job_id": job.id,
+                    "task_identifier": job.task_identifier,
+                    "attempt": job.attempts,
+                    "worker_id": self.worker_id,
+                },
+            )
+        return logger
+
+    def __repr__(self) -> str:
+        return f"WorkerContext(job={self.job!r}, worker_id={self.worker_id!r})"

@@ -118,9 +118,12 @@ def test_context_carries_job_worker_logger_utils_and_signal(
     assert ctx.worker_id.startswith("graphile_worker_") and len(ctx.worker_id) == 34
     assert isinstance(ctx.utils, WorkerUtils) and isinstance(ctx.async_utils, AsyncWorkerUtils)
     assert not ctx.cancellation.is_set
-    assert any(
-        f"[job {job.id} inspect] hello from the handler" in r.getMessage() for r in caplog.records
-    )
+    (line,) = [r for r in caplog.records if r.getMessage().endswith("hello from the handler")]
+    assert line.getMessage() == f"[job {job.id} inspect] hello from the handler"
+    assert line.name == "sqla_graphile.worker.job"
+    # The job in the record's extra fields, for structured logging.
+    assert (line.job_id, line.task_identifier, line.attempt) == (job.id, "inspect", 1)  # type: ignore[attr-defined]
+    assert line.worker_id == worker.worker_id  # type: ignore[attr-defined]
     outcome = [
         r
         for r in caplog.records

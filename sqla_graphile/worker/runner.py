@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import datetime
 import functools
 import inspect
 import json
+import json.scanner
 import logging
+import operator
 import os
 import random
 import secrets
@@ -134,15 +135,6 @@ class _HookFailure(Exception):
 
 class _ShutdownFailure(Exception):
     """A job interrupted by the worker's shutdown."""
-
-
-class _JobLogger(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes each line with the job and carries it in ``extra`` for structured logs."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        extra = self.extra or {}
-        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
-        return f"[job {extra['job_id']} {extra['task_identifier']}] {msg}", kwargs
 
 
 @dataclass(slots=True)
@@ -648,10 +640,9 @@ class _Runtime:
         self.prefetch = worker.local_queue_size > 0 and not callable(worker.forbidden_flags)
         self.all_sync = not any(entry.is_async for entry in worker.tasks.values())
         self.any_sync = not all(entry.is_async for entry in worker.tasks.values())
-        self.job_logger = logging.getLogger("sqla_graphile.worker.job")
         # Payloads are fetched as text and decoded here, as the engine would decode JSON.
         self.loads: Callable[[str], Any] = (
-            getattr(engine.dialect, "_json_deserializer", None) or json.loads
+            getattr(engine.dialect, "_json_deserializer", None) or _json_loads
         )
         self._background: list[asyncio.Task[None]] = []
         self._returns: list[asyncio.Task[None]] = []
@@ -1046,7 +1037,7 @@ class _Runtime:
         ]
         # fmt: on
         if len(jobs) > 1:
-            jobs.sort(key=_fetch_order)
+            jobs.sort(key=_FETCH_ORDER)
         return jobs
 
     def take(self, jobs: list[Job], *, idle: bool) -> None:
@@ -1259,22 +1250,8 @@ class _Runtime:
     # -- running jobs -----------------------------------------------------------------
 
     def context(self, job: Job) -> WorkerContext:
-        adapter = _JobLogger(
-            self.job_logger,
-            {
-                "job_id": job.id,
-                "task_identifier": job.task_identifier,
-                "attempt": job.attempts,
-                "worker_id": self.worker_id,
-            },
-        )
         return WorkerContext(
-            job=job,
-            worker_id=self.worker_id,
-            logger=adapter,
-            utils=self.utils,
-            cancellation=self.cancellation,
-            async_utils=self.async_utils,
+            job, self.worker_id, None, self.utils, self.cancellation, self.async_utils
         )
 
     async def run_job(self, record: _Running) -> None:
@@ -1340,7 +1317,7 @@ class _Runtime:
         the job keeps its thread, so the threads keep bounding the jobs running at once.
         """
         result = entry.invoke(payload, ctx)
-        if not inspect.isawaitable(result):
+        if result is None or not inspect.isawaitable(result):
             return result
         return asyncio.run_coroutine_threadsafe(
             self.await_handler(record, result), self.loop
@@ -1636,14 +1613,31 @@ class _BatchItemsFailed(Exception):
         self.failure = failure
 
 
-def _fetch_order(job: Job) -> tuple[int, datetime.datetime]:
-    return job.priority, job.run_at
+_FETCH_ORDER = operator.attrgetter("priority", "run_at")
 
 
 def _message(error: BaseException) -> str:
     if isinstance(error, (_HookFailure, _ShutdownFailure, _BatchItemsFailed, BatchJobError)):
         return str(error) or type(error).__name__
     return _describe(error)
+
+
+_scan_json: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+    json.JSONDecoder()  # type: ignore[arg-type]  # typeshed has its own class for it
+)
+
+
+def _json_loads(text: str) -> Any:
+    """``json.loads`` for the database's JSON text, minus its wrappers' cost.
+
+    A whole document is parsed in one call of the scanner; anything else (whitespace
+    around it, or an error to raise) goes to ``json.loads``.
+    """
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
 
 
 def _json_text(value: Any) -> str:
