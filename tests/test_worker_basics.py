@@ -122,8 +122,13 @@ def test_context_carries_job_worker_logger_utils_and_signal(
     assert line.getMessage() == f"[job {job.id} inspect] hello from the handler"
     assert line.name == "sqla_graphile.worker.job"
     # The job in the record's extra fields, for structured logging.
-    assert (line.job_id, line.task_identifier, line.attempt) == (job.id, "inspect", 1)  # type: ignore[attr-defined]
-    assert line.worker_id == worker.worker_id  # type: ignore[attr-defined]
+    fields = vars(line)
+    assert (fields["job_id"], fields["task_identifier"], fields["attempt"]) == (
+        job.id,
+        "inspect",
+        1,
+    )
+    assert fields["worker_id"] == worker.worker_id
     outcome = [
         r
         for r in caplog.records
