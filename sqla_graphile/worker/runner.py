@@ -1031,8 +1031,8 @@ class _Runtime:
                 None if flags is None else frozenset(json.loads(flags)), task, queue_id,
             )
             for (
-                id, queue, task, payload, priority, run_at, attempts, max_attempts, error,
-                created, updated, key, locked_at, locked_by, revision, flags, queue_id,
+                id, queue, payload, priority, run_at, attempts, max_attempts, error,
+                created, updated, key, locked_at, locked_by, revision, flags, task, queue_id,
             ) in rows
         ]
         # fmt: on

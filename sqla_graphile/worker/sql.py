@@ -23,6 +23,7 @@ None of these statements touches ``updated_at``, as Node's don't.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -57,6 +58,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.dml import Insert, Update
 
+from ..job import Job
 from ..schema import WorkerSchema, worker_schema
 
 __all__ = ["FETCHED", "LOCK_EXPIRY", "WorkerStatements", "worker_statements"]
@@ -65,26 +67,9 @@ __all__ = ["FETCHED", "LOCK_EXPIRY", "WorkerStatements", "worker_statements"]
 LOCK_EXPIRY = "4 hours"
 
 
-#: The columns of a fetch's rows, in this order (a job's fields, nearly).
-FETCHED = (
-    "id",
-    "queue_name",
-    "task_id",
-    "payload",
-    "priority",
-    "run_at",
-    "attempts",
-    "max_attempts",
-    "last_error",
-    "created_at",
-    "updated_at",
-    "key",
-    "locked_at",
-    "locked_by",
-    "revision",
-    "flags",
-    "job_queue_id",
-)
+#: The columns of a fetch's rows, in this order: a job's fields, but its task's identifier
+#: (the worker knows it from the task id).
+FETCHED = tuple(f.name for f in dataclasses.fields(Job) if f.name != "task_identifier")
 
 
 def _interval(text: str) -> ColumnElement[object]:
