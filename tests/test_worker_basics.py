@@ -318,25 +318,36 @@ def _tagging_loads(text: str) -> Any:
     return {"decoded_by": "engine", **value} if isinstance(value, dict) else value
 
 
-@pytest.mark.parametrize("quick", [False, True], ids=["batch_fetch", "quick_fetch"])
+@pytest.mark.parametrize(
+    ("quick", "pool_size"),
+    [(False, 5), (True, 5), (False, 1)],
+    ids=["batch_fetch", "quick_fetch", "pooled_fetch"],
+)
 async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
-    engine: Engine, database_url: str, schema: str, utils: WorkerUtils, quick: bool
+    engine: Engine, database_url: str, schema: str, utils: WorkerUtils, quick: bool, pool_size: int
 ) -> None:
     """The fetched job is the row as ``get_job`` reads it while locked (timestamps, flags,
     queue) and its payload is decoded by the engine's ``json_deserializer``, whether the
-    job came in a batch fetch or an idle worker's quick fetch."""
+    job came in a batch fetch or an idle worker's quick fetch, on a held connection or
+    (a pool too small to hold one) through SQLAlchemy."""
     from sqla_graphile._urls import async_engine_from_url
 
     seen_jobs: list[Job] = []
     read_back: list[Job | None] = []
+    held: list[bool] = []
 
     @task("whole")
     def whole(payload: Any, ctx: WorkerContext) -> None:
         seen_jobs.append(ctx.job)
         read_back.append(ctx.utils.get_job(ctx.job.id))
+        runtime = worker._runtime
+        assert runtime is not None
+        held.append(runtime.fetch_connection.usable)
 
     spec = JobSpec(queue_name="wq", priority=2, max_attempts=7, flags=["f1", "f2"], job_key="k1")
-    async_engine = async_engine_from_url(database_url, json_deserializer=_tagging_loads)
+    async_engine = async_engine_from_url(
+        database_url, json_deserializer=_tagging_loads, pool_size=pool_size, max_overflow=0
+    )
     try:
         worker = Worker(async_engine, [whole], schema=schema, poll_interval=600)
         if quick:
@@ -350,6 +361,7 @@ async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
     finally:
         await async_engine.dispose()
 
+    assert held == [pool_size > 1]  # the fetch path this case means to cover
     (seen_job,) = seen_jobs
     assert seen_job.payload == {"decoded_by": "engine", "n": 1}
     (locked,) = read_back
