@@ -428,3 +428,39 @@ def test_offline_upgrade_emits_a_script_that_builds_the_schema(
     finally:
         with engine.begin() as connection:
             connection.execute(text(f"drop schema if exists {quoted} cascade"))
+
+
+def test_offline_downgrade_emits_a_script_that_refuses_while_jobs_remain(
+    engine: Engine, database_url: str, schema_name: str
+) -> None:
+    """Offline, the downgrade's checks run in the script: it fails while the schema holds
+    a job and changes nothing; once the jobs are gone it drops every worker object."""
+    migrate(engine, schema=schema_name)
+    with engine.begin() as connection:
+        connection.execute(select(worker_functions(schema_name).add_job("left_behind")))
+    x = f"graphile_worker_schema={schema_name}"
+    result = _repo_alembic("-x", x, "downgrade", f"{WORKER_HEAD}:base", "--sql", env=_env())
+    assert result.returncode == 0, result.stderr
+    script = result.stdout.encode()
+    with engine.connect() as connection:  # offline touches no database
+        assert _relations(connection, schema_name) == WORKER_RELATIONS | {"alembic_version"}
+
+    refused = pytest.raises(psycopg.errors.RaiseException, match="it still holds jobs")
+    with psycopg.connect(database_url, autocommit=True) as raw, refused:
+        raw.execute(script)
+    with engine.connect() as connection:
+        assert _relations(connection, schema_name) == WORKER_RELATIONS | {"alembic_version"}
+
+    with engine.begin() as connection:
+        connection.execute(text(f"delete from {quote_schema(schema_name)}._private_jobs"))
+    with psycopg.connect(database_url, autocommit=True) as raw:
+        raw.execute(script)
+    with engine.connect() as connection:
+        # Standalone, Alembic's (now empty) version table keeps the schema, as online.
+        assert _relations(connection, schema_name) == {"alembic_version"}
+        assert (
+            connection.scalar(
+                text(f"select count(*) from {quote_schema(schema_name)}.alembic_version")
+            )
+            == 0
+        )

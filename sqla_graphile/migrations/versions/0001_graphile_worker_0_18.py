@@ -479,24 +479,63 @@ def upgrade() -> None:
         _run([ADD_JOBS, ADD_JOB], schema)
 
 
+# What is left in a schema once the worker's objects are dropped (its relations,
+# functions and standalone types), for a schema named by the parameter ``s``.
+_LEFTOVERS = (
+    "select (select count(*) from pg_class c where c.relnamespace = n.oid)"
+    " + (select count(*) from pg_proc p where p.pronamespace = n.oid)"
+    " + (select count(*) from pg_type t where t.typnamespace = n.oid and t.typrelid = 0)"
+    " from pg_namespace n where n.nspname = :s"
+)
+
+
+def _refusal(schema: str) -> str:
+    return (
+        f"refusing to drop the worker schema {schema!r}: it still holds jobs; "
+        "complete or delete them first"
+    )
+
+
 def downgrade() -> None:
     schema = current_schema()
+    if context.is_offline_mode():
+        _offline_downgrade(schema)
+        return
     bind = op.get_bind()
     has_jobs = bind.scalar(select(exists().select_from(worker_schema(schema).private_jobs)))
     if has_jobs:
-        raise MigrationError(
-            f"refusing to drop the worker schema {schema!r}: it still holds jobs; "
-            "complete or delete them first"
-        )
+        raise MigrationError(_refusal(schema))
     _run(DROP, schema)
-    leftovers = bind.scalar(
-        text(
-            "select (select count(*) from pg_class c where c.relnamespace = n.oid)"
-            " + (select count(*) from pg_proc p where p.pronamespace = n.oid)"
-            " + (select count(*) from pg_type t where t.typnamespace = n.oid and t.typrelid = 0)"
-            " from pg_namespace n where n.nspname = :s"
-        ),
-        {"s": schema},
-    )
-    if leftovers == 0:
+    if bind.scalar(text(_LEFTOVERS), {"s": schema}) == 0:
         op.execute(DropSchema(schema))
+
+
+def _offline_downgrade(schema: str) -> None:
+    """The downgrade as a script that checks, when it runs, what a live one checks first.
+
+    No job may be left; the schema is dropped only if nothing else is in it.
+    """
+    quoted = quote_schema(schema)
+    literal = _sql_literal(schema)
+    _do(
+        f"if exists (select from {quoted}._private_jobs) then"
+        f" raise exception {_sql_literal(_refusal(schema))}; end if;",
+        quoted,
+    )
+    _run(DROP, schema)
+    leftovers = _LEFTOVERS.replace(":s", literal)
+    _do(
+        f"if ({leftovers}) = 0 then execute 'drop schema ' || quote_ident({literal}); end if;",
+        quoted,
+    )
+
+
+def _do(body: str, quoted: str) -> None:
+    """Emit a PL/pgSQL ``DO`` block running ``body``."""
+    tag = _dollar_tag(quoted)
+    # Colons are escaped so that text() sees no bind parameters.
+    op.execute(text(f"do {tag} begin {body} end {tag}".replace(":", "\\:")))
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
