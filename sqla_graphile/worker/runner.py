@@ -1452,7 +1452,7 @@ class _Runtime:
         doing: str,
         outcome: str,
         held: _HeldConnection,
-    ) -> dict[int, dict[str, Any]] | None:
+    ) -> dict[int, Sequence[Any]] | None:
         """Write a batch of outcomes; the rows written, by job id (``None``: it failed).
 
         ``doing`` names the write in retry warnings ("completing"), ``outcome`` in the
@@ -1460,7 +1460,7 @@ class _Runtime:
         """
         try:
             rows = await self.execute(
-                statement, params, what=f"{doing} {len(jobs)} job(s)", held=held
+                statement, params, what=f"{doing} {len(jobs)} job(s)", held=held, tuples=True
             )
         except Exception:
             logger.exception(
@@ -1471,7 +1471,7 @@ class _Runtime:
             return None
         finally:
             self.writes_done += 1
-        return {row["id"]: row for row in rows}
+        return {row[0]: row for row in rows}  # each statement returns the id first
 
     async def write_completions(self, batch: list[_Completion]) -> None:
         jobs = [c.job for c in batch]
@@ -1537,7 +1537,8 @@ class _Runtime:
                 await self.lock_lost(job, "fail")
                 continue
             queue_released = queue_released or job.job_queue_id is not None
-            permanent = row["attempts"] >= row["max_attempts"]
+            _, attempts, max_attempts, run_at = row
+            permanent = attempts >= max_attempts
             first_line = failure.message.splitlines()[0] if failure.message else ""
             if permanent:
                 logger.error(
@@ -1557,14 +1558,14 @@ class _Runtime:
                     job.attempts,
                     job.max_attempts,
                     failure.duration * 1000,
-                    row["run_at"].isoformat(),
+                    run_at.isoformat(),
                     first_line,
                 )
             event = "job_permanently_fail" if permanent else "job_fail"
             await self.emit(
                 event,
-                lambda f=failure, r=row, p=permanent: JobFailEvent(  # type: ignore[misc]
-                    f.job, self.worker_id, f.message, f.exception, not p, r["run_at"], f.duration
+                lambda f=failure, r=run_at, p=permanent: JobFailEvent(  # type: ignore[misc]
+                    f.job, self.worker_id, f.message, f.exception, not p, r, f.duration
                 ),
             )
         if queue_released:
