@@ -33,9 +33,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package."""
+    """mypy --strict over the package and the benchmarks."""
     session.install("-e", ".[test]", "mypy")
     session.run("mypy")
+    session.chdir("benchmarks")
+    session.run("mypy", "--strict", "enqueue.py", "worker.py", "common.py")
 
 
 @nox.session

@@ -182,7 +182,7 @@ def node_side(ctx: Context, mode: str, batch: int = 0) -> Side:
     assert node is not None
 
     def open_(schema: str) -> tuple[Run, Callable[[], None]]:
-        options = {"connectionString": ctx.conninfo, "schema": schema, "mode": mode}
+        options: dict[str, Any] = {"connectionString": ctx.conninfo, "schema": schema, "mode": mode}
         if batch:
             options["batch"] = batch
         process = subprocess.Popen(
@@ -431,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     table: list[tuple[str, str, str, str, str]] = []
-    with_node = (lambda *a: [node_side(ctx, *a)]) if node else (lambda *a: [])
+
+    def with_node(mode: str, batch: int = 0) -> list[Side]:
+        """Node's side of a measurement, when Node is here."""
+        return [node_side(ctx, mode, batch)] if node else []
 
     try:
         # 1. add_jobs in batches, one transaction per batch
