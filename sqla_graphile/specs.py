@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+
+from .errors import InvalidJobSpec
 
 __all__ = [
     "CleanupTask",
@@ -46,7 +49,8 @@ class JobSpec:
     """Options of one job; every field left ``None`` takes the database's default.
 
     Defaults (applied by SQL, as in Node): no queue, ``run_at`` = now, 25 attempts,
-    priority 0 (lower runs first), no key, no flags.
+    priority 0 (lower runs first), no key, no flags. A field of the wrong type raises
+    :class:`~sqla_graphile.errors.InvalidJobSpec` here; ``flags`` are kept as a tuple.
     """
 
     queue_name: str | None = None
@@ -60,12 +64,46 @@ class JobSpec:
     def __post_init__(self) -> None:
         if self.run_at is not None and self.run_at.tzinfo is None:
             raise ValueError("JobSpec.run_at must be timezone-aware (e.g. datetime.now(UTC))")
+        # Wrong types fail here, named, rather than as a driver error or (a string of
+        # flags taken for a list of one-letter flags) not at all.
+        if not (self.queue_name is None or isinstance(self.queue_name, str)):
+            raise InvalidJobSpec(_wrong_type("queue_name", "a string", self.queue_name))
+        if not (self.job_key is None or isinstance(self.job_key, str)):
+            raise InvalidJobSpec(_wrong_type("job_key", "a string", self.job_key))
+        if not (self.max_attempts is None or isinstance(self.max_attempts, int)):
+            object.__setattr__(self, "max_attempts", _integer("max_attempts", self.max_attempts))
+        if not (self.priority is None or isinstance(self.priority, int)):
+            object.__setattr__(self, "priority", _integer("priority", self.priority))
+        if self.flags is not None:
+            object.__setattr__(self, "flags", _flag_list(self.flags))
 
     @property
     def key_mode(self) -> str | None:
         """The key mode as the SQL function expects it (``None`` means replace)."""
         mode = self.job_key_mode
         return mode.value if isinstance(mode, JobKeyMode) else mode
+
+
+def _wrong_type(field: str, expected: str, value: object) -> str:
+    return f"JobSpec.{field} must be {expected}, not {type(value).__name__}"
+
+
+def _integer(field: str, value: object) -> int:
+    """``value`` as an ``int`` if it is one in disguise (a NumPy integer, say)."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidJobSpec(_wrong_type(field, "an integer", value)) from None
+
+
+def _flag_list(flags: object) -> tuple[str, ...]:
+    if isinstance(flags, (str, bytes)) or not isinstance(flags, Iterable):
+        raise InvalidJobSpec(_wrong_type("flags", "a list of strings", flags))
+    listed = tuple(flags)
+    for flag in listed:
+        if not isinstance(flag, str):
+            raise InvalidJobSpec(f"JobSpec.flags must hold strings, not {type(flag).__name__}")
+    return listed
 
 
 #: The options of a job that sets none. ``JobSpec`` is frozen: one instance serves all.

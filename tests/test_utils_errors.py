@@ -29,6 +29,7 @@ from sqla_graphile.errors import (
     DuplicateJobKeyInBatch,
     InvalidJobKey,
     InvalidJobKeyMode,
+    InvalidJobSpec,
     InvalidMaxAttempts,
     QueueNameTooLong,
     TaskIdentifierTooLong,
@@ -134,3 +135,41 @@ def test_a_bogus_mode_without_a_key_is_ignored_as_in_node(engine: Engine, schema
     job = WorkerUtils(engine, schema).add_raw_job("t", {}, JobSpec(job_key_mode="sometimes"))
     assert job.key is None
     assert len(job_rows(engine, schema)) == 1
+
+
+class _IndexLike:
+    """An integer in disguise, as NumPy's are."""
+
+    def __index__(self) -> int:
+        return 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"queue_name": 5}, "queue_name must be a string, not int"),
+        ({"job_key": b"k"}, "job_key must be a string, not bytes"),
+        ({"priority": "1"}, "priority must be an integer, not str"),
+        ({"max_attempts": 2.5}, "max_attempts must be an integer, not float"),
+        ({"flags": "urgent"}, "flags must be a list of strings, not str"),
+        ({"flags": ["ok", 7]}, "flags must hold strings, not int"),
+    ],
+    ids=["queue", "key", "priority", "attempts", "flags-string", "flags-items"],
+)
+def test_job_spec_names_a_wrong_type_before_anything_is_sent(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidJobSpec, match=message):
+        JobSpec(**options)
+
+
+async def test_job_spec_takes_disguised_integers_and_any_iterable_of_flags(
+    make_utils: Any, engine: Engine, schema: str
+) -> None:
+    spec = JobSpec(priority=_IndexLike(), max_attempts=_IndexLike(), flags=iter(["a", "b"]))
+    assert (spec.priority, spec.max_attempts, spec.flags) == (3, 3, ("a", "b"))
+    assert hash(spec) == hash(JobSpec(priority=3, max_attempts=3, flags=["a", "b"]))
+    job = await call(make_utils(schema).add_raw_job("t", {}, spec))
+    assert (job.priority, job.max_attempts, job.flags) == (3, 3, frozenset({"a", "b"}))
+    (row,) = job_rows(engine, schema)
+    assert row["flags"] == {"a": True, "b": True}
