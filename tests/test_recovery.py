@@ -346,6 +346,39 @@ async def test_stop_deregisters_unless_locks_are_still_held(
     assert registry(engine, schema) == {}
 
 
+async def test_stop_ends_a_loop_that_swallowed_its_cancellation(
+    engine: Engine, async_engine: AsyncEngine, schema: str
+) -> None:
+    """Python 3.11's ``asyncio.wait_for`` (around every heartbeat) can swallow the
+    cancellation ``stop`` sends, when the heartbeat completes just then; the loop then
+    goes on. Here a heartbeat swallows it on purpose: ``stop`` still ends the loop and
+    deregisters the worker."""
+    worker_id = uid("w")
+    agent = RecoveryAgent(async_engine, schema, worker_id, STEADY)
+    await agent.register()
+    entered = asyncio.Event()
+    swallowed: list[bool] = []
+    real_heartbeat = agent.heartbeat
+
+    async def heartbeat() -> bool:
+        if swallowed:
+            return await real_heartbeat()
+        entered.set()
+        try:
+            await asyncio.sleep(TIMEOUT)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+            return await real_heartbeat()  # as if the call had completed as it was cancelled
+        return False
+
+    agent.heartbeat = heartbeat  # type: ignore[method-assign]
+    agent.start()
+    await await_for(entered.is_set, what="a heartbeat in flight")
+    await asyncio.wait_for(agent.stop(), TIMEOUT)
+    assert swallowed == [True]
+    assert worker_id not in registry(engine, schema)
+
+
 async def test_register_without_registry_table_is_a_clear_error(
     engine: Engine, async_engine: AsyncEngine, schema: str
 ) -> None:

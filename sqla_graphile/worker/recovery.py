@@ -87,6 +87,7 @@ class RecoveryAgent:
         """Whether the worker's row was written (and not removed by :meth:`stop`)."""
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         interval = config.heartbeat_interval.total_seconds()
         # Past the sweep threshold a heartbeat is useless; a call stuck that long is
         # abandoned so the next attempt can use a fresh connection.
@@ -149,6 +150,7 @@ class RecoveryAgent:
         """Start the heartbeat and sweep loops (after :meth:`register`)."""
         if self._tasks:
             raise RuntimeError("this recovery agent is already started")
+        self._stopping = False
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="sqla_graphile-heartbeat"),
             asyncio.create_task(self._sweep_loop(), name="sqla_graphile-recovery-sweep"),
@@ -162,9 +164,16 @@ class RecoveryAgent:
         sweep recovers those jobs after the threshold rather than after 4 hours.
         """
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._stopping = True
+        pending = set(tasks)
+        while pending:
+            # Python 3.11's asyncio.wait_for swallows a cancellation that arrives as the
+            # call it waits for completes: the loops also end at their next turn, and
+            # are cancelled again until they have.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_STOP_RECHECK)
+        await asyncio.gather(*tasks, return_exceptions=True)  # their errors, retrieved
         if not (deregister and self.registered):
             return
         try:
@@ -266,7 +275,7 @@ class RecoveryAgent:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval.total_seconds()
         failures = 0
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval if failures == 0 else _retry_delay(failures, interval))
             try:
                 await self.heartbeat()
@@ -287,7 +296,7 @@ class RecoveryAgent:
 
     async def _sweep_loop(self) -> None:
         interval = self.config.sweep_interval.total_seconds()
-        while True:
+        while not self._stopping:
             # The first sweep runs at once: a restarted fleet recovers its dead promptly.
             await self.sweep()
             await asyncio.sleep(interval)
@@ -309,6 +318,10 @@ class RecoveryAgent:
 
         timeout = self._sweep_timeout if transaction else self._call_timeout
         return await asyncio.wait_for(run(), timeout)
+
+
+#: Seconds between cancellations of a loop that has not ended yet (see ``stop``).
+_STOP_RECHECK = 0.5
 
 
 def _retry_delay(failures: int, interval: float) -> float:
