@@ -87,7 +87,6 @@ class RecoveryAgent:
         """Whether the worker's row was written (and not removed by :meth:`stop`)."""
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
         interval = config.heartbeat_interval.total_seconds()
         # Past the sweep threshold a heartbeat is useless; a call stuck that long is
         # abandoned so the next attempt can use a fresh connection.
@@ -150,7 +149,6 @@ class RecoveryAgent:
         """Start the heartbeat and sweep loops (after :meth:`register`)."""
         if self._tasks:
             raise RuntimeError("this recovery agent is already started")
-        self._stopping = False
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="sqla_graphile-heartbeat"),
             asyncio.create_task(self._sweep_loop(), name="sqla_graphile-recovery-sweep"),
@@ -164,12 +162,10 @@ class RecoveryAgent:
         sweep recovers those jobs after the threshold rather than after 4 hours.
         """
         tasks, self._tasks = self._tasks, []
-        self._stopping = True
         pending = set(tasks)
         while pending:
-            # Python 3.11's asyncio.wait_for swallows a cancellation that arrives as the
-            # call it waits for completes: the loops also end at their next turn, and
-            # are cancelled again until they have.
+            # Cancelled again until they end: Python 3.11's asyncio.wait_for swallows a
+            # cancellation that arrives as the call it waits for completes.
             for task in pending:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=_STOP_RECHECK)
@@ -275,7 +271,7 @@ class RecoveryAgent:
     async def _heartbeat_loop(self) -> None:
         interval = self.config.heartbeat_interval.total_seconds()
         failures = 0
-        while not self._stopping:
+        while True:
             await asyncio.sleep(interval if failures == 0 else _retry_delay(failures, interval))
             try:
                 await self.heartbeat()
@@ -296,7 +292,7 @@ class RecoveryAgent:
 
     async def _sweep_loop(self) -> None:
         interval = self.config.sweep_interval.total_seconds()
-        while not self._stopping:
+        while True:
             # The first sweep runs at once: a restarted fleet recovers its dead promptly.
             await self.sweep()
             await asyncio.sleep(interval)
