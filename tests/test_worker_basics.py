@@ -14,7 +14,14 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import Engine
-from worker_fixtures import await_for, execute, rows, running, utils_fixture  # noqa: F401
+from worker_fixtures import (  # noqa: F401
+    await_for,
+    execute,
+    fetch_session,
+    rows,
+    running,
+    utils_fixture,
+)
 
 from sqla_graphile import (
     AsyncWorkerUtils,
@@ -352,7 +359,7 @@ async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
         worker = Worker(async_engine, [whole], schema=schema, poll_interval=600)
         if quick:
             async with running(worker):
-                await await_for(lambda: fetch_ready(worker), what="an idle worker")
+                await await_for(lambda: fetch_session(worker), what="an idle worker")
                 job = utils.add_raw_job("whole", {"n": 1}, spec)
                 await await_for(lambda: seen_jobs, what="the handler")
         else:
@@ -372,9 +379,3 @@ async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
     assert seen_job.locked_by == worker.worker_id and seen_job.attempts == 1
     assert seen_job.run_at.tzinfo is not None and seen_job.locked_at is not None
     assert seen_job.created_at == job.created_at and seen_job.revision == job.revision
-
-
-def fetch_ready(worker: Worker) -> bool:
-    """Whether the running worker's fetch task is parked idle (quick fetches on)."""
-    runtime = worker._runtime
-    return runtime is not None and runtime.fetch_waiting

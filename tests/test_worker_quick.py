@@ -10,7 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
-from worker_fixtures import await_for, execute, rows, running, utils_fixture  # noqa: F401
+from worker_fixtures import (  # noqa: F401
+    await_for,
+    execute,
+    fetch_session,
+    rows,
+    running,
+    utils_fixture,
+)
 
 from sqla_graphile import JobSpec, Worker, WorkerContext, WorkerUtils, task
 
@@ -23,15 +30,6 @@ def last_statement(engine: Engine, pid: int) -> tuple[str, Any]:
         engine, "select query, query_start from pg_stat_activity where pid = :pid", pid=pid
     )
     return row["query"], row["query_start"]
-
-
-def fetch_session(worker: Worker) -> int | None:
-    """The backend pid of the worker's fetch connection, once it is idle and prepared."""
-    runtime = worker._runtime
-    if runtime is None or not runtime.fetch_waiting:
-        return None
-    raw = runtime.fetch_connection.raw
-    return raw.info.backend_pid if raw is not None else None
 
 
 async def add_and_see_it_fetched_quickly(

@@ -62,6 +62,15 @@ async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(task, TIMEOUT)
 
 
+def fetch_session(worker: Worker) -> int | None:
+    """The backend pid of the worker's fetch connection, once it is idle and prepared."""
+    runtime = worker._runtime
+    if runtime is None or not runtime.fetch_waiting:
+        return None
+    raw = runtime.fetch_connection.raw
+    return raw.info.backend_pid if raw is not None else None
+
+
 def rows(engine: Engine, schema: str, where: str = "true") -> list[Any]:
     """The rows of ``_private_jobs`` (plus task identifier), ordered by id."""
     with engine.connect() as connection:
