@@ -28,7 +28,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from ._admin import JobState
 from ._urls import engine_from_url, redact_url
 from .cron import TIME_UNITS
-from .errors import GraphileWorkerError, sqlstate_of
+from .errors import DatabaseNewerThanLibrary, GraphileWorkerError, sqlstate_of
 from .job import Job
 from .recovery import SweepStaleWorkersOptions, WorkerRecoveryConfig
 from .schema import DEFAULT_SCHEMA, validate_schema_name
@@ -225,6 +225,10 @@ def _emit(state: _State, data: Any, human: str) -> None:
         click.echo(human)
 
 
+#: Exit status of ``run`` stopped by a breaking migration newer than this library (Node's).
+EXIT_BREAKING_MIGRATION = 57
+
+
 def _fail(state: _State | None, message: str, exc: BaseException | None = None) -> NoReturn:
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())
     if state is not None and state.database_url:
@@ -233,7 +237,8 @@ def _fail(state: _State | None, message: str, exc: BaseException | None = None) 
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         click.echo(_redact(trace, state.database_url or ""), err=True)
     click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+    # Node's status for a schema too new: supervisors restart the worker (after upgrading).
+    sys.exit(EXIT_BREAKING_MIGRATION if isinstance(exc, DatabaseNewerThanLibrary) else 1)
 
 
 def _redact(text: str, url: str) -> str:
@@ -720,8 +725,14 @@ def stats(state: _State) -> None:
 @click.option("--once", is_flag=True, help="Run until no job is runnable, then exit.")
 @click.option(
     "--recovery/--no-recovery",
-    default=False,
-    help="Register, heartbeat and sweep dead workers' jobs (crash recovery).",
+    default=None,
+    help="Register, heartbeat and sweep dead workers' jobs (crash recovery; default: on "
+    "when the schema has the worker registry, as every schema this library migrated).",
+)
+@click.option(
+    "--statement-timeout",
+    type=DURATION,
+    help="Time limit of each worker statement; past it the link is cut and retried (30s).",
 )
 @click.option("--progress-interval", type=DURATION, default="5s", show_default=True)
 @_pass_state
@@ -734,7 +745,8 @@ def run(
     local_queue_size: int | None,
     complete_batch_delay: timedelta | None,
     once: bool,
-    recovery: bool,
+    recovery: bool | None,
+    statement_timeout: timedelta | None,
     progress_interval: timedelta,
 ) -> None:
     """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully)."""
@@ -762,8 +774,10 @@ def run(
         options["local_queue_size"] = local_queue_size
     if complete_batch_delay is not None:
         options["complete_batch_delay"] = complete_batch_delay.total_seconds()
-    if recovery:
-        options["recovery"] = WorkerRecoveryConfig(enabled=True)
+    if recovery is not None:
+        options["recovery"] = WorkerRecoveryConfig(enabled=recovery)
+    if statement_timeout is not None:
+        options["statement_timeout"] = statement_timeout.total_seconds()
     try:
         worker = Worker(
             state.url(),

@@ -64,6 +64,7 @@ __all__ = [
     "JobRunDecision",
     "ScheduleDecision",
     "Skip",
+    "WorkerFenceEvent",
     "WorkerRecoveredEvent",
     "WorkerStartEvent",
     "WorkerStopEvent",
@@ -83,6 +84,7 @@ EVENTS = frozenset(
         "job_permanently_fail",
         "job_lock_lost",
         "worker_recovered",
+        "worker_fence",
         "cron_tick",
         "cron_job_scheduled",
     }
@@ -157,6 +159,22 @@ class WorkerStopEvent:
     worker_id: str
     reason: str
     error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class WorkerFenceEvent:
+    """``worker_fence``: a worker lost its lease (``fenced``) or got it back.
+
+    A recovery-enabled worker whose heartbeats have failed for longer than its lease
+    (``sweep_threshold - heartbeat_interval``) fences itself before any peer may judge it
+    dead: it stops starting jobs and gives up ``job_ids``, the jobs it was running
+    (cancelled, their outcomes not written). When a heartbeat succeeds again, the event
+    comes with ``fenced=False`` and the worker resumes.
+    """
+
+    worker_id: str
+    fenced: bool
+    job_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)

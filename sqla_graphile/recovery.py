@@ -3,9 +3,14 @@
 Workers with recovery enabled register a row in ``<schema>._sqla_graphile_workers`` and
 heartbeat it. A sweep (any worker's, or an operator's through ``WorkerUtils``) treats a
 registered worker whose heartbeat is older than the threshold as dead and recovers its
-jobs: unlocked, the attempt it used refunded, ``run_at`` pushed to at least now plus the
-recovery delay, ``last_error`` noting the interruption; its queues are unlocked and its
-row removed.
+jobs: unlocked, the attempt it used kept (as Node's 4-hour rule keeps it, so a job that
+kills its worker reaches ``max_attempts`` instead of looping), ``run_at`` pushed to at
+least now plus the recovery delay, ``last_error`` noting the interruption; its queues are
+unlocked and its row removed.
+
+A worker's own sweep begins, in its transaction, with the sweeper's own heartbeat, and
+never judges the sweeper itself: a worker coming back from a partition cannot sweep
+itself or sweep before it has proved that it reaches the database.
 
 Lock holders that never registered (Node workers, our workers without recovery) cannot
 be judged by heartbeat; they are recovered only under Node's own rule, once their lock is
@@ -71,14 +76,15 @@ _TIMESTAMPTZ = DateTime(timezone=True)
 class WorkerRecoveryConfig:
     """Recovery settings of a worker (and defaults of manual sweeps).
 
-    With ``enabled`` the worker registers before fetching, heartbeats every
-    ``heartbeat_interval`` (retrying through transient errors), sweeps every
-    ``sweep_interval``, and deregisters on a clean exit. ``sweep_threshold`` is the
-    heartbeat age after which a worker is dead; ``recovery_delay`` how long its jobs
-    wait before running again.
+    A worker's recovery is on by default (where the schema has the worker registry);
+    ``enabled=False`` turns it off. With ``enabled`` the worker registers before
+    fetching, heartbeats every ``heartbeat_interval`` (retrying through transient
+    errors), sweeps every ``sweep_interval``, and deregisters on a clean exit.
+    ``sweep_threshold`` is the heartbeat age after which a worker is dead;
+    ``recovery_delay`` how long its jobs wait before running again.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     heartbeat_interval: timedelta = timedelta(seconds=30)
     sweep_interval: timedelta = timedelta(seconds=60)
     sweep_threshold: timedelta = timedelta(minutes=5)
@@ -195,7 +201,10 @@ class RecoveryStatements:
         # judged waits for the sweep, then finds the row gone and re-registers loudly.
         self.dead_workers = (
             select(workers.c.worker_id)
-            .where(workers.c.last_heartbeat_at < now - threshold)
+            .where(
+                workers.c.last_heartbeat_at < now - threshold,
+                workers.c.worker_id.is_distinct_from(bindparam("sweeper", type_=Text)),
+            )
             .order_by(workers.c.worker_id)
             .with_for_update(of=workers)
         )
@@ -231,7 +240,6 @@ class RecoveryStatements:
             .values(
                 locked_at=None,
                 locked_by=None,
-                attempts=func.greatest(0, jobs.c.attempts - 1),
                 run_at=func.greatest(jobs.c.run_at, now + delay),
                 last_error=func.replace(
                     literal(RECOVERED_ERROR.replace("{worker_id}", "@W")), "@W", jobs.c.locked_by
@@ -313,10 +321,21 @@ def list_active_workers_op(schema: str, threshold: timedelta) -> Op[list[ActiveW
 
 
 def sweep_op(
-    schema: str, config: WorkerRecoveryConfig, options: SweepStaleWorkersOptions
+    schema: str,
+    config: WorkerRecoveryConfig,
+    options: SweepStaleWorkersOptions,
+    *,
+    sweeper: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Op[SweepResult]:
-    """Recover the jobs of dead workers (see the module's documentation)."""
+    """Recover the jobs of dead workers (see the module's documentation).
+
+    ``sweeper``: the worker sweeping, heartbeated first in the same transaction and
+    never judged dead by its own sweep.
+    """
     sql = recovery_statements(schema)
+    if sweeper is not None:
+        yield from heartbeat_op(schema, sweeper, metadata)
     threshold = (
         options.sweep_threshold if options.sweep_threshold is not None else config.sweep_threshold
     )
@@ -324,7 +343,7 @@ def sweep_op(
     got_lock = (yield sql.sweep_lock, {}).scalar()
     if not got_lock:
         return SweepResult(dry_run=options.dry_run, already_running=True)
-    dead = list((yield sql.dead_workers, {"threshold": threshold}).scalars())
+    dead = list((yield sql.dead_workers, {"threshold": threshold, "sweeper": sweeper}).scalars())
     expired = sorted(
         holder
         for holder in (yield sql.expired_holders, {}).scalars()

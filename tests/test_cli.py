@@ -831,7 +831,7 @@ def test_sweep_recovers_dead_workers_jobs(
     assert data["recovered_count"] == 1
     dead = job_row(engine, schema, stale_worker["dead"])
     assert dead is not None
-    assert (dead["locked_by"], dead["attempts"], dead["due"]) == (None, 0, True)
+    assert (dead["locked_by"], dead["attempts"], dead["due"]) == (None, 1, True)
     assert "dead-w" in dead["last_error"]
     live = job_row(engine, schema, stale_worker["live"])
     assert live is not None and live["locked_by"] == "live-w"

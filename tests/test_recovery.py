@@ -181,7 +181,7 @@ def messages(caplog: pytest.LogCaptureFixture, fragment: str) -> list[str]:
 
 def test_config_defaults_and_validation() -> None:
     config = WorkerRecoveryConfig()
-    assert config.enabled is False
+    assert config.enabled is True
     assert (config.heartbeat_interval, config.sweep_interval) == (
         timedelta(seconds=30),
         timedelta(seconds=60),
@@ -218,16 +218,17 @@ def test_sweep_options_validation() -> None:
         SweepStaleWorkersOptions(recovery_delay=timedelta(seconds=-1))
 
 
-async def test_default_config_registers_nothing(
+async def test_disabled_config_registers_nothing(
     engine: Engine, async_engine: AsyncEngine, schema: str, utils: WorkerUtils
 ) -> None:
+    """``enabled=False`` turns the default recovery off: nothing is registered."""
     done: list[int] = []
 
     @task("noop")
     def noop(payload: Any, ctx: WorkerContext) -> None:
         done.append(ctx.job.id)
 
-    extra: dict[str, Any] = {"recovery": WorkerRecoveryConfig()} if WIRED else {}
+    extra: dict[str, Any] = {"recovery": WorkerRecoveryConfig(enabled=False)} if WIRED else {}
     worker = Worker(async_engine, [noop], schema=schema, poll_interval=0.1, **extra)
     job = utils.add_raw_job("noop")
     async with running(worker):
@@ -424,12 +425,13 @@ def test_stale_worker_jobs_are_recovered(engine: Engine, schema: str, utils: Wor
     for job in dead_jobs:
         row = job_row(engine, schema, job.id)
         assert row is not None
-        assert (row["locked_by"], row["locked_at"], row["attempts"]) == (None, None, 1)
+        # The interrupted attempt keeps counting, as under Node's 4-hour rule.
+        assert (row["locked_by"], row["locked_at"], row["attempts"]) == (None, None, 2)
         assert row["last_error"] == "Job recovered after worker dead-w stopped heartbeating"
         # Sub-second delays are kept, not truncated to whole seconds.
         assert delays[job.id] == timedelta(milliseconds=750)
     later_row = job_row(engine, schema, later.id)
-    assert later_row is not None and later_row["attempts"] == 0
+    assert later_row is not None and later_row["attempts"] == 1
     assert delays[later.id] > timedelta(minutes=59)  # run_at only ever moves later
     live = job_row(engine, schema, live_job.id)
     assert live is not None and live["locked_by"] == "live-w"  # alive: left alone
@@ -452,7 +454,7 @@ def test_queued_job_recovery_unlocks_the_queue(
     )
     assert queue_lock(engine, schema, "serial") is None
     row = job_row(engine, schema, job.id)
-    assert row is not None and (row["locked_by"], row["attempts"], row["due"]) == (None, 0, True)
+    assert row is not None and (row["locked_by"], row["attempts"], row["due"]) == (None, 1, True)
     untouched = job_row(engine, schema, waiting.id)
     assert untouched is not None and (untouched["attempts"], untouched["last_error"]) == (0, None)
 
@@ -475,7 +477,7 @@ def test_sweeps_in_parallel_transactions_recover_once(
     assert two.already_running and (two.worker_ids, two.job_ids) == ([], [])
     assert not three.already_running and (three.worker_ids, three.job_ids) == ([], [])
     row = job_row(engine, schema, job.id)
-    assert row is not None and row["attempts"] == 1  # refunded once, not twice
+    assert row is not None and row["attempts"] == 2  # recovered once, attempt kept
 
 
 def test_concurrent_sweeps_recover_a_job_once(
@@ -500,7 +502,7 @@ def test_concurrent_sweeps_recover_a_job_once(
     assert sum(r.recovered_count for r in results) == 1
     assert sum(r.worker_ids == ["dead-w"] for r in results) == 1
     row = job_row(engine, schema, job.id)
-    assert row is not None and (row["locked_by"], row["attempts"]) == (None, 2)
+    assert row is not None and (row["locked_by"], row["attempts"]) == (None, 3)
 
 
 def test_a_heartbeat_in_flight_saves_the_worker(
@@ -960,8 +962,8 @@ async def test_sigkilled_workers_jobs_are_recovered_and_run_once(
         ]
     )
     note = f"Job recovered after worker {dead} stopped heartbeating"
-    # The interrupted attempt was refunded: the re-run is attempt 1 again.
-    assert seen == {long_job.id: (1, note), long_queued.id: (1, note), behind.id: (1, None)}
+    # The interrupted attempt still counts: the re-run is attempt 2.
+    assert seen == {long_job.id: (2, note), long_queued.id: (2, note), behind.id: (1, None)}
     assert [(e.worker_id, e.dead_worker_ids) for e in events] == [(me, (dead,))]
     assert sorted(events[0].job_ids) == sorted([long_job.id, long_queued.id])
     assert events[0].queue_names == ("q",)

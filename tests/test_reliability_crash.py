@@ -196,8 +196,8 @@ def test_crash_with_a_registered_worker_recovered_by_the_sweep(
     for row in rows(engine, schema):
         assert row["locked_by"] is None
         if row["id"] in affected:
-            # The interrupted attempt is refunded and the interruption noted.
-            assert row["attempts"] == 0
+            # The interrupted attempt still counts, and the interruption is noted.
+            assert row["attempts"] == 1
             assert row["last_error"] == RECOVERED_ERROR.format(worker_id=worker_id)
     assert execute(
         engine,

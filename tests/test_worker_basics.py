@@ -349,7 +349,7 @@ async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
         read_back.append(ctx.utils.get_job(ctx.job.id))
         runtime = worker._runtime
         assert runtime is not None
-        held.append(runtime.fetch_connection.usable)
+        held.append(runtime.fetcher.connection.keep)
 
     spec = JobSpec(queue_name="wq", priority=2, max_attempts=7, flags=["f1", "f2"], job_key="k1")
     async_engine = async_engine_from_url(

@@ -53,7 +53,7 @@ async def await_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what
 async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
     """Run ``worker`` in the background of the test's loop; stop it gracefully after."""
     task = asyncio.create_task(worker.run_async())
-    await await_for(lambda: worker._runtime is not None or task.done(), what="worker start")
+    await await_for(lambda: worker.running or task.done(), what="worker start")
     try:
         yield task
     finally:
@@ -65,9 +65,9 @@ async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
 def fetch_session(worker: Worker) -> int | None:
     """The backend pid of the worker's fetch connection, once it is idle and prepared."""
     runtime = worker._runtime
-    if runtime is None or not runtime.fetch_waiting:
+    if runtime is None or not runtime.started or not runtime.fetcher.fetch_waiting:
         return None
-    raw = runtime.fetch_connection.raw
+    raw = runtime.fetcher.connection.raw
     return raw.info.backend_pid if raw is not None else None
 
 

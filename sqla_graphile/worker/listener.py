@@ -19,6 +19,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .connection import sever
+
 __all__ = ["CHANNELS", "NotificationListener", "insert_count", "reconnect_delay"]
 
 logger = logging.getLogger("sqla_graphile.worker.listener")
@@ -29,6 +31,8 @@ CHANNELS = ("jobs:insert", "worker:migrate")
 # With no notification for this long the connection is checked with a round trip, so a
 # silently dead connection (a half-open TCP session) is noticed and replaced.
 _HEALTH_CHECK_INTERVAL = 30.0
+# Time limit of connecting and of each statement when none is given.
+_DEFAULT_TIMEOUT = 30.0
 
 
 def reconnect_delay(attempt: int, jitter: float | None = None) -> float:
@@ -69,8 +73,10 @@ class NotificationListener:
         on_insert: Callable[[int], None],
         on_migrate: Callable[[dict[str, Any]], None],
         on_connect: Callable[[], None],
+        timeout: float = _DEFAULT_TIMEOUT,
     ) -> None:
         self._connect_kwargs = dict(connect_kwargs)
+        self._timeout = timeout
         self._on_insert = on_insert
         self._on_migrate = on_migrate
         self._on_connect = on_connect
@@ -83,11 +89,14 @@ class NotificationListener:
         while True:
             connection: psycopg.AsyncConnection[Any] | None = None
             try:
-                connection = await psycopg.AsyncConnection.connect(
-                    **self._connect_kwargs, autocommit=True
+                connection = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(**self._connect_kwargs, autocommit=True),
+                    self._timeout,
                 )
-                for channel in CHANNELS:
-                    await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                listen = sql.SQL("; ").join(
+                    sql.SQL("LISTEN {}").format(sql.Identifier(channel)) for channel in CHANNELS
+                )
+                await self._timed(connection, connection.execute(listen))
                 self.listening = True
                 attempt = 0
                 self._on_connect()
@@ -153,7 +162,15 @@ class NotificationListener:
             failed.result()  # raises when the connection broke
             failed = loop.create_future()
             if not received:
-                await connection.execute("select 1")
+                await self._timed(connection, connection.execute("select 1"))
+
+    async def _timed(self, connection: psycopg.AsyncConnection[Any], statement: Any) -> None:
+        """Await a statement; on a silent link, cut the socket once the time limit passes."""
+        timer = asyncio.get_running_loop().call_later(self._timeout, sever, connection.fileno())
+        try:
+            await statement
+        finally:
+            timer.cancel()
 
     def _dispatch(self, channel: str, payload: str) -> None:
         if channel == "jobs:insert":

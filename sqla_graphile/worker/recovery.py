@@ -14,6 +14,15 @@ The heartbeat loop never gives up: a failed heartbeat is logged and retried afte
 short backoff, so a worker that lives through a database hiccup is not later judged
 dead (and its running jobs re-run) for one unlucky error. If a heartbeat finds the row
 gone, a sweep presumed the worker dead: it says so loudly and registers again.
+
+The lease. A peer may judge this worker dead once the database's clock is
+``sweep_threshold`` past its last committed heartbeat, and the jobs it recovers run
+``recovery_delay`` later. The agent counts from the moment it *sent* its last heartbeat
+that succeeded (the commit came after that), and when ``sweep_threshold -
+heartbeat_interval`` has passed without another success it calls ``on_fence(True)``:
+the worker stops starting jobs and gives up those it runs, at least
+``heartbeat_interval`` (plus ``recovery_delay``) before a peer's copy could start. The
+next heartbeat that succeeds calls ``on_fence(False)``.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TypeVar
 
@@ -76,6 +86,7 @@ class RecoveryAgent:
         *,
         task_identifiers: Iterable[str] = (),
         hooks: Hooks | None = None,
+        on_fence: Callable[[bool], None] | None = None,
     ) -> None:
         self.engine = engine
         self.schema = schema
@@ -94,6 +105,12 @@ class RecoveryAgent:
             max(2 * interval, _MIN_CALL_TIMEOUT), config.sweep_threshold.total_seconds()
         )
         self._sweep_timeout = max(_MIN_SWEEP_TIMEOUT, config.sweep_interval.total_seconds())
+        self.lease = (config.sweep_threshold - config.heartbeat_interval).total_seconds()
+        """Seconds after the last successful heartbeat was sent that the worker fences."""
+        self.fenced = False
+        self._on_fence = on_fence
+        self._last_ok = time.monotonic()
+        self._fence_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -105,8 +122,10 @@ class RecoveryAgent:
         """
         delay = _FIRST_RETRY
         for attempt in range(1, _REGISTER_ATTEMPTS + 1):
+            sent = time.monotonic()
             try:
                 await self._run(heartbeat_op(self.schema, self.worker_id, self.metadata))
+                self._alive(sent)
                 break
             except (DBAPIError, PoolTimeoutError, OSError, asyncio.TimeoutError) as exc:
                 if attempt == _REGISTER_ATTEMPTS or not _is_connection_error(exc):
@@ -149,6 +168,7 @@ class RecoveryAgent:
         """Start the heartbeat and sweep loops (after :meth:`register`)."""
         if self._tasks:
             raise RuntimeError("this recovery agent is already started")
+        self._alive(self._last_ok)
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="sqla_graphile-heartbeat"),
             asyncio.create_task(self._sweep_loop(), name="sqla_graphile-recovery-sweep"),
@@ -162,6 +182,9 @@ class RecoveryAgent:
         sweep recovers those jobs after the threshold rather than after 4 hours.
         """
         tasks, self._tasks = self._tasks, []
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+            self._fence_timer = None
         pending = set(tasks)
         while pending:
             # Cancelled again until they end: Python 3.11's asyncio.wait_for swallows a
@@ -212,7 +235,9 @@ class RecoveryAgent:
 
         Errors are raised; the heartbeat loop is what retries them.
         """
+        sent = time.monotonic()
         inserted = await self._run(heartbeat_op(self.schema, self.worker_id, self.metadata))
+        self._alive(sent)
         if inserted:
             logger.warning(
                 "worker %s was presumed dead by a sweep (its heartbeat had stopped for "
@@ -229,10 +254,19 @@ class RecoveryAgent:
 
         Returns ``None`` when the sweep failed (the error is logged, not raised).
         """
+        sent = time.monotonic()
         try:
             result = await self._run(
-                sweep_op(self.schema, self.config, SweepStaleWorkersOptions()), transaction=True
+                sweep_op(
+                    self.schema,
+                    self.config,
+                    SweepStaleWorkersOptions(),
+                    sweeper=self.worker_id,
+                    metadata=self.metadata,
+                ),
+                transaction=True,
             )
+            self._alive(sent)
         except Exception as exc:
             logger.warning(
                 "the recovery sweep of worker %s failed (next in %s): %s",
@@ -265,6 +299,40 @@ class RecoveryAgent:
                     ),
                 )
         return result
+
+    # -- the lease ----------------------------------------------------------------------
+
+    def _alive(self, sent: float) -> None:
+        """A heartbeat sent at ``sent`` (monotonic) committed: the lease runs from there."""
+        if sent < self._last_ok:
+            return
+        self._last_ok = sent
+        if self._on_fence is None:
+            return
+        if self._fence_timer is not None:
+            self._fence_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._fence_timer = loop.call_at(
+            loop.time() + (sent - time.monotonic()) + self.lease, self._lease_expired
+        )
+        if self.fenced:
+            self.fenced = False
+            logger.warning("worker %s reached the database again: no longer fenced", self.worker_id)
+            self._on_fence(False)
+
+    def _lease_expired(self) -> None:
+        self._fence_timer = None
+        if self.fenced or self._on_fence is None:
+            return
+        self.fenced = True
+        logger.warning(
+            "worker %s is fenced: no heartbeat succeeded for %.1f s, so a peer may soon "
+            "judge it dead and recover its jobs; it starts nothing and gives up the jobs "
+            "it runs until a heartbeat succeeds",
+            self.worker_id,
+            self.lease,
+        )
+        self._on_fence(True)
 
     # -- loops --------------------------------------------------------------------------
 

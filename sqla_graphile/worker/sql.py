@@ -14,7 +14,14 @@ The protocol is Node graphile-worker 0.18's, so Node and Python workers share on
     collection of task rows by any process then hides new jobs from us only briefly.
 ``complete`` / ``fail`` / ``return_jobs``
     Touch only rows whose ``locked_by`` is still ours, and unlock the queues we hold for
-    them; they return the ids they really wrote, so a lost lock is noticed.
+    them; they return the ids they really wrote, so a lost lock is noticed. A returned
+    job that Node's ``add_job``/``remove_job`` detached meanwhile is deleted, never revived.
+``reclaim``
+    Return every row locked under our id that we do not know of: the jobs of a fetch
+    whose answer was lost (the statement committed, the reply never came).
+``claim_keyed``
+    Before a keyed job that waited in the local queue starts: is it still ours and still
+    keyed? A replaced or removed one is deleted instead of run, as with Node's defaults.
 ``sweep``
     Node's 4-hour rule: unlock jobs and queues locked more than 4 hours ago.
 
@@ -46,6 +53,7 @@ from sqlalchemy import (
     column,
     delete,
     exists,
+    false,
     func,
     literal_column,
     not_,
@@ -100,6 +108,9 @@ class WorkerStatements:
         self.complete = self._complete()
         self.fail = self._fail()
         self.return_jobs = self._return_jobs()
+        self.reclaim = self._reclaim()
+        self.claim_keyed = self._claim_keyed()
+        self.written = self._written()
         self.sweep = self._sweep()
         self.register_tasks = self._register_tasks()
 
@@ -248,13 +259,43 @@ class WorkerStatements:
             failed.c.id, failed.c.attempts, failed.c.max_attempts, failed.c.run_at
         ).add_cte(unlocked)
 
-    def _return_jobs(self) -> Select[Any]:
+    def _detached(self, jobs: Table, chosen: ColumnElement[bool]) -> CTE:
+        """Chosen rows of ours that were detached (replaced or removed) while we held them.
+
+        Node's ``add_job``/``remove_job`` detach a locked keyed job: ``key`` cleared,
+        ``updated_at`` set after our ``locked_at`` (the fetch never touches it). Such a
+        job is never returned runnable: it was unstarted, so it is deleted.
+        """
+        return (
+            delete(jobs)
+            .where(
+                chosen,
+                jobs.c.locked_by == bindparam("worker_id", type_=Text),
+                jobs.c.key.is_(None),
+                jobs.c.updated_at > jobs.c.locked_at,
+            )
+            .returning(jobs.c.id, jobs.c.job_queue_id)
+            .cte("detached_jobs")
+        )
+
+    def _release(
+        self, chosen: ColumnElement[bool], queues_kept: ColumnElement[bool]
+    ) -> Select[Any]:
+        """Give back unstarted jobs of ours (attempt refunded), detached ones deleted.
+
+        Returns ``(id, deleted)`` for each row released. Queues we hold are unlocked
+        unless ``queues_kept`` says a job of ours still needs them.
+        """
         jobs = self.schema.private_jobs
+        queues = self.schema.private_job_queues
+        worker_id = bindparam("worker_id", type_=Text)
+        detached = self._detached(jobs, chosen)
         returned = (
             update(jobs)
             .where(
-                jobs.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
-                jobs.c.locked_by == bindparam("worker_id", type_=Text),
+                chosen,
+                jobs.c.locked_by == worker_id,
+                jobs.c.id.not_in(select(detached.c.id)),
             )
             # The attempt counted at fetch never started.
             .values(
@@ -263,8 +304,60 @@ class WorkerStatements:
             .returning(jobs.c.id, jobs.c.job_queue_id)
             .cte("returned_jobs")
         )
-        unlocked = self._unlock_queues_of(returned)
-        return select(returned.c.id).add_cte(unlocked)
+        released = (
+            select(returned.c.id, returned.c.job_queue_id, false().label("deleted"))
+            .union_all(select(detached.c.id, detached.c.job_queue_id, true()))
+            .cte("released_jobs")
+        )
+        unlocked = (
+            update(queues)
+            .where(
+                queues.c.locked_by == worker_id,
+                or_(queues.c.id.in_(select(released.c.job_queue_id)), ~queues_kept),
+            )
+            .values(locked_by=null(), locked_at=null())
+            .returning(queues.c.id)
+            .cte("unlocked_queues")
+        )
+        return select(released.c.id, released.c.deleted).add_cte(unlocked)
+
+    def _return_jobs(self) -> Select[Any]:
+        jobs = self.schema.private_jobs
+        chosen = jobs.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))
+        return self._release(chosen, queues_kept=true())
+
+    def _reclaim(self) -> Select[Any]:
+        """Every job and queue locked by us but unknown to us (a fetch's lost reply)."""
+        jobs = self.schema.private_jobs
+        queues = self.schema.private_job_queues
+        known = bindparam("known", type_=ARRAY(BigInteger))
+        worker_id = bindparam("worker_id", type_=Text)
+        chosen = jobs.c.id != func.all(known)
+        needed = exists().where(
+            jobs.c.job_queue_id == queues.c.id,
+            jobs.c.locked_by == worker_id,
+            jobs.c.id == func.any(known),
+        )
+        return self._release(chosen, queues_kept=needed)
+
+    def _claim_keyed(self) -> Select[Any]:
+        """Of keyed jobs queued locally, delete the detached; the ids still ours to start."""
+        jobs = self.schema.private_jobs
+        ids = bindparam("ids", type_=ARRAY(BigInteger))
+        detached = self._detached(jobs, jobs.c.id == any_(ids))
+        kept = select(jobs.c.id).where(
+            jobs.c.id == any_(ids),
+            jobs.c.locked_by == bindparam("worker_id", type_=Text),
+            jobs.c.id.not_in(select(detached.c.id)),
+        )
+        return kept.add_cte(detached)
+
+    def _written(self) -> Select[Any]:
+        """What became of rows whose outcome write may have been applied before its reply."""
+        jobs = self.schema.private_jobs
+        return select(jobs.c.id, jobs.c.locked_by, jobs.c.last_error).where(
+            jobs.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger)))
+        )
 
     # -- maintenance ----------------------------------------------------------------
 

@@ -1,0 +1,445 @@
+"""The executor: runs handlers (``def`` in threads, ``async def`` on the loop) and ends jobs.
+
+Every job takes one way: :meth:`Executor.start` launches its handler (behind the
+interceptors when there are any), and :meth:`Executor._end` frees its slot and hands the
+outcome to the writer. Nothing a handler raises, ``KeyboardInterrupt`` and ``SystemExit``
+included, escapes into the worker: it fails that job and no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..context import CancellationSignal, WorkerContext
+from ..hooks import (
+    UNCHANGED,
+    AfterJobRunContext,
+    BeforeJobRunContext,
+    Continue,
+    Fail,
+    Hooks,
+    JobEvent,
+    Skip,
+)
+from ..job import Job
+from ..utils import AsyncWorkerUtils, WorkerUtils
+from ._threads import HandlerThreads
+from .tasks import BatchFailure, BatchJobError, TaskRegistry, WorkerTask, batch_outcome
+from .writer import Failure, OutcomeWriter
+
+__all__ = ["Executor", "Running"]
+
+logger = logging.getLogger("sqla_graphile.worker")
+
+# With only ``def`` handlers, jobs handed to the threads at once, per unit of concurrency.
+_AHEAD = 4
+# Characters of traceback kept in last_error after the message.
+_TRACEBACK_CHARS = 1500
+# How often a thread waiting on an awaitable its handler returned checks the worker.
+_THREAD_WAIT_CHECK = 1.0
+
+
+@dataclass(slots=True)
+class Running:
+    """A job handed to the executor, from its start to its end."""
+
+    job: Job
+    started: float
+    fetched: float
+    handler: asyncio.Future[Any] | None = None
+    """The ``async def`` handler's future (or an awaitable a ``def`` handler returned)."""
+    task: asyncio.Task[None] | None = None
+    """The task running the interceptors around the handler, when there are any."""
+    cancelled: bool = False
+    """The worker cancelled the handler (shutdown or fence)."""
+    abandoned: bool = False
+    """No longer ours to end: failed by the shutdown, or dropped by a fence."""
+
+
+class HookFailure(Exception):
+    """A job failed by an interceptor's ``Fail(message)``."""
+
+
+class ShutdownFailure(Exception):
+    """A job interrupted by the worker's shutdown."""
+
+
+class BatchItemsFailed(Exception):
+    """Some items of a batch job failed (see :class:`BatchFailure`)."""
+
+    def __init__(self, failure: BatchFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class HandlerExit(RuntimeError):
+    """A handler raised ``KeyboardInterrupt`` or ``SystemExit``: its job fails, nothing else."""
+
+
+Done = Callable[["Running", Any, "BaseException | None"], None]
+
+
+class Executor:
+    """Runs jobs' handlers within ``concurrency``; ends each job exactly once.
+
+    ``on_slot_free()`` is called whenever a job ends (the fetcher refills).
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: TaskRegistry,
+        concurrency: int,
+        grace: float,
+        hooks: Hooks,
+        worker_id: str,
+        writer: OutcomeWriter,
+        utils: WorkerUtils,
+        async_utils: AsyncWorkerUtils,
+        on_slot_free: Callable[[], None],
+    ) -> None:
+        self.tasks = tasks
+        self.concurrency = concurrency
+        self.grace = grace
+        self.hooks = hooks
+        self.worker_id = worker_id
+        self.writer = writer
+        self.utils = utils
+        self.async_utils = async_utils
+        self.on_slot_free = on_slot_free
+        self.loop = asyncio.get_running_loop()
+        self.running: dict[int, Running] = {}
+        self.cancellation = CancellationSignal()
+        self.threads = HandlerThreads(concurrency, "sqla_graphile-handler")
+        self.all_sync = not any(entry.is_async for entry in tasks.values())
+        self.any_sync = not all(entry.is_async for entry in tasks.values())
+        self.ended = 0
+        """Jobs ended so far (the fetcher measures throughput by it)."""
+        self._ended_event = asyncio.Event()
+
+    # -- capacity -----------------------------------------------------------------------
+
+    @property
+    def intercepted(self) -> bool:
+        """Whether interceptors or ``job_start`` observers wrap each job."""
+        hooks = self.hooks
+        return bool(
+            hooks.before_job_run_hooks or hooks.after_job_run_hooks or hooks.has("job_start")
+        )
+
+    def capacity(self) -> int:
+        """Jobs that may be started now: free threads, plus a few ahead for ``def``-only."""
+        limit = self.concurrency
+        if self.all_sync and not self.intercepted:
+            # Hand the threads jobs ahead of time, so a thread that ends a job starts the
+            # next without waiting for the loop; the threads still bound what runs.
+            limit *= _AHEAD
+        return limit - len(self.running)
+
+    def idle_slots(self) -> int:
+        """Slots where a job would start at once (not wait for a thread)."""
+        return self.concurrency - len(self.running)
+
+    def job_ids(self) -> set[int]:
+        """The ids of the jobs running (or waiting for a thread)."""
+        return set(self.running)
+
+    # -- starting -----------------------------------------------------------------------
+
+    def start(self, job: Job, fetched: float) -> None:
+        """Start ``job`` (fetched at ``fetched``): its handler, behind any interceptors."""
+        record = Running(job, time.monotonic(), fetched)
+        self.running[job.id] = record
+        if self.intercepted:
+            record.task = asyncio.create_task(self._run_intercepted(record))
+        else:
+            self._launch(record, job.payload, self._handler_returned, takeable=True)
+
+    def _context(self, job: Job) -> WorkerContext:
+        return WorkerContext(
+            job, self.worker_id, None, self.utils, self.cancellation, self.async_utils
+        )
+
+    def _launch(self, record: Running, payload: Any, done: Done, *, takeable: bool) -> None:
+        """Start the handler; ``done(record, result, error)`` is called once it ends."""
+        entry = self.tasks.get(record.job.task_identifier)
+        if entry is None:  # a task row renamed under us; never expected
+            error = LookupError(f"no handler for task {record.job.task_identifier!r}")
+            self.loop.call_soon(done, record, None, error)
+            return
+        ctx = self._context(record.job)
+        if not entry.is_async:
+            self.threads.call(
+                self._run_in_thread,
+                (record, entry, payload, ctx),
+                functools.partial(done, record),
+                takeable=takeable,
+            )
+            return
+        try:
+            coroutine = entry.invoke(payload, ctx)
+        except Exception as exc:
+            # Not now: the caller may be filling slots, which the outcome would re-enter.
+            self.loop.call_soon(done, record, None, exc)
+            return
+        handler = record.handler = asyncio.ensure_future(_guarded(coroutine))
+        handler.add_done_callback(functools.partial(self._handler_done, record, done))
+
+    def _run_in_thread(
+        self, record: Running, entry: WorkerTask, payload: Any, ctx: WorkerContext
+    ) -> Any:
+        """Run a ``def`` handler (in a handler thread).
+
+        An awaitable it returns is awaited on the loop while this thread waits for it:
+        the job keeps its thread, so the threads keep bounding the jobs running at once.
+        The wait ends when the awaitable does, or when the worker has gone.
+        """
+        record.started = time.monotonic()  # it may have waited for a thread
+        result = entry.invoke(payload, ctx)
+        if result is None or not inspect.isawaitable(result):
+            return result
+        future = asyncio.run_coroutine_threadsafe(self._await_in_loop(record, result), self.loop)
+        while True:
+            try:
+                return future.result(_THREAD_WAIT_CHECK)
+            except concurrent.futures.TimeoutError:
+                if self.loop.is_closed() or record.abandoned:
+                    future.cancel()
+                    raise ShutdownFailure("the worker stopped while the job ran") from None
+
+    async def _await_in_loop(self, record: Running, awaitable: Any) -> Any:
+        record.handler = asyncio.ensure_future(_guarded(awaitable))
+        return await record.handler
+
+    def _handler_done(self, record: Running, done: Done, handler: asyncio.Future[Any]) -> None:
+        if handler.cancelled():
+            error: BaseException | None = asyncio.CancelledError()
+            result = None
+        else:
+            error = handler.exception()
+            result = None if error is not None else handler.result()
+        done(record, result, error)
+
+    def _handler_returned(self, record: Running, result: Any, error: BaseException | None) -> None:
+        self._end(record, self._outcome(record, record.job.payload, result, error))
+
+    async def _run_intercepted(self, record: Running) -> None:
+        """The interceptors' way: before hooks, the handler, after hooks, then the end."""
+        job = record.job
+        payload = job.payload
+        outcome: Failure | None = None
+        run = True
+        if self.hooks.before_job_run_hooks:
+            try:
+                decision = await self.hooks.intercept_before_run(
+                    BeforeJobRunContext(job, self.worker_id, payload)
+                )
+            except Exception as exc:
+                decision = Fail(describe(exc))
+            if isinstance(decision, Skip):
+                self._end(record, None)
+                return
+            if isinstance(decision, Fail):
+                outcome, run = self._failure(record, HookFailure(decision.message)), False
+            elif isinstance(decision, Continue) and decision.payload is not UNCHANGED:
+                payload = decision.payload
+        if run:
+            if self.hooks.has("job_start"):
+                await self.hooks.emit("job_start", JobEvent(job, self.worker_id))
+            ended: asyncio.Future[tuple[Any, BaseException | None]] = self.loop.create_future()
+
+            def handler_ended(_record: Running, result: Any, error: BaseException | None) -> None:
+                if not ended.done():
+                    ended.set_result((result, error))
+
+            self._launch(record, payload, handler_ended, takeable=False)
+            result, error = await asyncio.shield(ended)
+            outcome = self._outcome(record, payload, result, error)
+        if self.hooks.after_job_run_hooks:
+            error = outcome.exception if outcome is not None else None
+            duration = time.monotonic() - record.started
+            try:
+                verdict = await self.hooks.intercept_after_run(
+                    AfterJobRunContext(job, self.worker_id, error, duration)
+                )
+            except Exception as exc:
+                verdict = Fail(describe(exc))
+            if isinstance(verdict, Skip):
+                outcome = None
+            elif isinstance(verdict, Fail):
+                outcome = self._failure(record, HookFailure(verdict.message))
+        self._end(record, outcome)
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _outcome(
+        self, record: Running, payload: Any, result: Any, error: BaseException | None
+    ) -> Failure | None:
+        """What the handler's end means for the job: ``None`` on success, else the failure."""
+        if error is not None:
+            if record.cancelled and isinstance(
+                error, (asyncio.CancelledError, concurrent.futures.CancelledError)
+            ):
+                error = ShutdownFailure(
+                    f"Worker shutdown: job cancelled after the {self.grace:g} s grace period"
+                )
+            return self._failure(record, error)
+        entry = self.tasks.get(record.job.task_identifier)
+        if entry is None or not entry.is_batch:
+            return None
+        try:
+            failure = batch_outcome(payload, result)
+        except Exception as exc:
+            return self._failure(record, exc)
+        if failure is None:
+            return None
+        replacement = failure.payload if failure.payload is not None else UNCHANGED
+        return self._failure(record, BatchItemsFailed(failure), replacement)
+
+    def _failure(self, record: Running, error: BaseException, payload: Any = UNCHANGED) -> Failure:
+        job = record.job
+        return Failure(job.id, job, message_of(error), error, 0.0, payload)
+
+    def _end(self, record: Running, outcome: Failure | None) -> None:
+        """The one way a job ends: its slot freed, its outcome handed to the writer."""
+        job = record.job
+        if self.running.get(job.id) is record:
+            del self.running[job.id]
+        self.ended += 1
+        self._ended_event.set()
+        if record.abandoned:
+            logger.warning(
+                "job %d (%s) finished after the worker gave it up; its outcome is not written",
+                job.id,
+                job.task_identifier,
+            )
+        elif outcome is None:
+            self.writer.complete(job, time.monotonic() - record.started)
+        else:
+            outcome.duration = time.monotonic() - record.started
+            self.writer.fail(outcome)
+        self.on_slot_free()
+
+    # -- taking back, cancelling, abandoning --------------------------------------------
+
+    def take_back(self, older_than: float | None = None) -> list[Job]:
+        """Jobs handed to the threads ahead of time that no thread has started yet."""
+        which = None if older_than is None else (lambda args: args[0].fetched < older_than)
+        jobs = []
+        for args in self.threads.take_waiting(which):
+            record: Running = args[0]
+            if self.running.get(record.job.id) is record:
+                del self.running[record.job.id]
+            jobs.append(record.job)
+        return jobs
+
+    def oldest_fetch(self) -> float | None:
+        """When the first job handed ahead to the threads was fetched (if any waits)."""
+        if len(self.running) <= self.concurrency:
+            return None
+        return next(iter(self.running.values())).fetched
+
+    async def wait(
+        self, timeout: float, stop: asyncio.Event | None = None, *, one: bool = False
+    ) -> None:
+        """Wait until nothing runs, ``timeout`` passes, or ``stop`` is set.
+
+        With ``one``, also return as soon as any job ends.
+        """
+        deadline = self.loop.time() + timeout
+        ended = self.ended
+        while self.running and not (stop is not None and stop.is_set()):
+            if one and self.ended != ended:
+                return
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return
+            self._ended_event.clear()
+            waits = [asyncio.ensure_future(self._ended_event.wait())]
+            if stop is not None:
+                waits.append(asyncio.ensure_future(stop.wait()))
+            try:
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+
+    def cancel(self) -> None:
+        """Ask every running job to stop: the signal for threads, cancellation for coroutines."""
+        self.cancellation.set()
+        for record in self.running.values():
+            if record.handler is not None and not record.handler.done():
+                record.cancelled = True
+                record.handler.cancel()
+
+    def abandon(self) -> list[Running]:
+        """Give up every running job: its outcome will not be written by :meth:`_end`."""
+        records = list(self.running.values())
+        for record in records:
+            record.abandoned = True
+            if record.task is not None:
+                record.task.cancel()
+        self.running.clear()
+        return records
+
+    def renew_cancellation(self) -> None:
+        """A fresh signal for jobs started from now on (after a fence is lifted)."""
+        self.cancellation = CancellationSignal()
+
+    def close(self) -> None:
+        """Release what the component holds."""
+        self.threads.shutdown()
+
+
+async def _guarded(awaitable: Any) -> Any:
+    """Await a handler, turning ``KeyboardInterrupt``/``SystemExit`` into its job's failure.
+
+    Raised inside a task they would stop the event loop, and the worker with it.
+    """
+    try:
+        return await awaitable
+    except (KeyboardInterrupt, SystemExit) as exc:
+        raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
+
+
+def _own_files() -> tuple[str, ...]:
+    return (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
+
+
+_OWN_FILES = _own_files()
+
+
+def describe(exc: BaseException) -> str:
+    """``last_error`` for an exception: its concise message, then a trimmed traceback."""
+    message = str(exc).strip() or type(exc).__name__
+    name = "RuntimeError" if isinstance(exc, HandlerExit) else type(exc).__name__
+    head = f"{name}: {message}"
+    # The worker's own frames (and asyncio's) say nothing about the failure.
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith(_OWN_FILES)
+    ]
+    if not frames:
+        return head
+    tail = "".join(traceback.format_list(frames[-4:]))
+    if len(tail) > _TRACEBACK_CHARS:
+        tail = "…" + tail[-_TRACEBACK_CHARS:]
+    return f"{head}\n{tail.rstrip()}"
+
+
+def message_of(error: BaseException) -> str:
+    """``last_error`` for a job's failure."""
+    if isinstance(error, (HookFailure, ShutdownFailure, BatchItemsFailed, BatchJobError)):
+        return str(error) or type(error).__name__
+    return describe(error)
