@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,13 +112,14 @@ def interrupt(kind: str) -> None:
 # -- (5) interrupts raised by async def handlers ----------------------------------------
 
 
+@pytest.mark.parametrize("style", ["async def", "def"])
 @pytest.mark.parametrize("path", ["direct", "observed"])
 @pytest.mark.parametrize("kind", ["KeyboardInterrupt", "SystemExit", "sys.exit()"])
-def test_async_handler_interrupt_fails_its_job_and_the_worker_goes_on(
-    engine: Engine, schema: str, utils: WorkerUtils, kind: str, path: str
+def test_handler_interrupt_fails_its_job_and_the_worker_goes_on(
+    engine: Engine, schema: str, utils: WorkerUtils, kind: str, path: str, style: str
 ) -> None:
-    """An ``async def`` handler raising ``KeyboardInterrupt``/``SystemExit`` (or calling
-    ``sys.exit()``) fails its job with the text a ``def`` handler's gets; the jobs that
+    """A handler (``async def`` or ``def``) raising ``KeyboardInterrupt``/``SystemExit``
+    (or calling ``sys.exit()``) fails its job, with one text for both kinds; the jobs that
     had finished before it are completed, the worker keeps running, and jobs added
     afterwards run too."""
     name = "KeyboardInterrupt" if kind == "KeyboardInterrupt" else "SystemExit"
@@ -137,11 +139,19 @@ def test_async_handler_interrupt_fails_its_job_and_the_worker_goes_on(
             await asyncio.sleep(0.01)
         interrupt(kind)
 
+    @task("rude")
+    def rude_def(payload: Any, ctx: WorkerContext) -> None:
+        for _ in range(int(TIMEOUT / 0.01)):
+            if len(finished) >= 3:
+                break
+            time.sleep(0.01)
+        interrupt(kind)
+
     before = [utils.add_raw_job("quick", {"n": n}) for n in range(3)]
     bad = utils.add_raw_job("rude", {}, JobSpec(max_attempts=1))
     worker = Worker(
         engine,
-        [quick, rude],
+        [quick, rude if style == "async def" else rude_def],
         schema=schema,
         concurrency=4,
         poll_interval=0.1,

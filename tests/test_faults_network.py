@@ -21,7 +21,6 @@ from netproxy import PgProxy, pg_proxy_fixture  # noqa: F401
 from sqlalchemy import Engine
 from worker_fixtures import await_for, execute, rows, running, utils_fixture  # noqa: F401
 
-import sqla_graphile.hooks as hooks_module
 from sqla_graphile import (
     FunctionTask,
     JobSpec,
@@ -31,7 +30,13 @@ from sqla_graphile import (
     WorkerUtils,
     task,
 )
-from sqla_graphile.hooks import Hooks, JobEvent, JobLockLostEvent, WorkerRecoveredEvent
+from sqla_graphile.hooks import (
+    Hooks,
+    JobEvent,
+    JobLockLostEvent,
+    WorkerFenceEvent,
+    WorkerRecoveredEvent,
+)
 from sqla_graphile.schema import quote_schema
 
 #: Small limits, so that the faults play out in seconds.
@@ -50,7 +55,8 @@ RECOVERY = WorkerRecoveryConfig(
     heartbeat_interval=timedelta(seconds=0.3),
     sweep_interval=timedelta(seconds=0.5),
     sweep_threshold=timedelta(seconds=2),
-    recovery_delay=timedelta(0),
+    # The lease's margin is heartbeat_interval + recovery_delay: room for a loaded machine.
+    recovery_delay=timedelta(seconds=0.5),
 )
 #: How long a partition lasts: longer than the sweep threshold.
 PARTITION = 4.0
@@ -401,8 +407,7 @@ async def test_partition_longer_than_the_threshold_fences_both_workers(
             # Time for any sweep the healed workers make to recover and re-run jobs.
             await asyncio.sleep(4 * RECOVERY.sweep_interval.total_seconds())
 
-    fence_event = hooks_module.WorkerFenceEvent  # type: ignore[attr-defined]
-    assert all(isinstance(e, fence_event) for e in fences)
+    assert all(isinstance(e, WorkerFenceEvent) for e in fences)
     fenced: dict[str, set[int]] = defaultdict(set)
     for event in fences:
         if event.fenced:
