@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -59,7 +60,18 @@ async def running(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
     finally:
         if not task.done():
             worker.request_shutdown()
-        await asyncio.wait_for(task, TIMEOUT)
+        done, _ = await asyncio.wait({task}, timeout=TIMEOUT)
+        if not done:
+            raise AssertionError("the worker did not stop; its tasks:\n" + _task_stacks())
+        await task
+
+
+def _task_stacks() -> str:
+    """The stack of every task of the running loop, to show where a shutdown hangs."""
+    out = io.StringIO()
+    for each in asyncio.all_tasks():
+        each.print_stack(file=out)
+    return out.getvalue()
 
 
 def fetch_session(worker: Worker) -> int | None:

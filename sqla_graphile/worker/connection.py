@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool, QueuePool
 
 from ..errors import sqlstate_of, translate_db_error
+from ._aio import bounded
 
 __all__ = [
     "Database",
@@ -252,7 +253,7 @@ class HeldConnection:
                     # A new link may be as silent as the old: connecting is bounded too.
                     limit = self._timeout if timeout is None else timeout
                     try:
-                        raw = await asyncio.wait_for(self._connect(), limit)
+                        raw = await bounded(self._connect(), limit)
                     except asyncio.TimeoutError:
                         raise StatementTimeout(f"no connection within {limit:g} s") from None
                 return await self._execute(raw, statement, params, tuples, timeout)

@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import SchemaNotMigrated
 from ..hooks import Hooks, JobEvent
 from ..job import Job
-from ._flag import Flag, wait_event
+from ._aio import Flag, bounded, wait_event
 from .connection import Database, first_line, is_transient
 from .decode import decode_jobs
 from .executor import Executor
@@ -244,7 +244,8 @@ class Fetcher:
                     if self._check_task is None:
                         self._check_task = asyncio.create_task(self._check_keyed())
                     continue
-            elif executor.capacity() - len(self.checking) <= 0:
+            elif self.checking or executor.capacity() <= 0:
+                # Jobs behind a keyed job being checked wait for it: priority order holds.
                 return
             else:
                 local.popleft()
@@ -559,7 +560,7 @@ class Fetcher:
         # The connection is the fetch loop's again only once the answer is in; on a
         # silent link, cutting it ends the quick fetch (as a fallback).
         try:
-            await asyncio.wait_for(quick.settled(), self.db.statement_timeout)
+            await bounded(quick.settled(), self.db.statement_timeout)
         except asyncio.TimeoutError:
             self.connection.sever()
             await quick.settled()

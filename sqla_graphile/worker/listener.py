@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ._aio import bounded
 from .connection import sever
 
 __all__ = ["CHANNELS", "NotificationListener", "insert_count", "reconnect_delay"]
@@ -89,7 +90,7 @@ class NotificationListener:
         while True:
             connection: psycopg.AsyncConnection[Any] | None = None
             try:
-                connection = await asyncio.wait_for(
+                connection = await bounded(
                     psycopg.AsyncConnection.connect(**self._connect_kwargs, autocommit=True),
                     self._timeout,
                 )

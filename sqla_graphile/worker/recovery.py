@@ -52,6 +52,7 @@ from ..recovery import (
     sweep_op,
     worker_metadata,
 )
+from ._aio import bounded
 
 __all__ = ["RecoveryAgent"]
 
@@ -381,7 +382,7 @@ class RecoveryAgent:
                 return await drive_async(connection, op)
 
         timeout = self._sweep_timeout if transaction else self._call_timeout
-        return await asyncio.wait_for(run(), timeout)
+        return await bounded(run(), timeout)
 
 
 #: Seconds between cancellations of a loop that has not ended yet (see ``stop``).

@@ -35,6 +35,7 @@ from ..migrations import check_database
 from ..recovery import WorkerRecoveryConfig
 from ..schema import quote_schema
 from ..utils import AsyncWorkerUtils, WorkerUtils
+from ._aio import bounded
 from .connection import Database, first_line, listen_kwargs
 from .decode import json_loads
 from .executor import Executor
@@ -438,7 +439,7 @@ class WorkerRun:
             # Deregistering may not outlast the deadline: the row then goes stale.
             remaining = max(1.0, self._deadline - time.monotonic())
             try:
-                await asyncio.wait_for(self.recovery.stop(), remaining)
+                await bounded(self.recovery.stop(), remaining)
             except asyncio.TimeoutError:
                 logger.warning("could not deregister worker %s in time", self.worker_id)
         reason = "forced" if self.forced else self.stop_reason

@@ -1,18 +1,27 @@
-"""Loop primitives of the worker's fetch loop."""
+"""Asyncio primitives of the worker.
+
+``bounded`` replaces ``asyncio.wait_for`` everywhere in the worker: before Python 3.12,
+``wait_for`` drops a cancellation that arrives as the awaited thing completes, and a task
+that lost its cancellation keeps a shutdown waiting for ever.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
 
-__all__ = ["Flag", "wait_event"]
+__all__ = ["Flag", "bounded", "wait_event"]
+
+_T = TypeVar("_T")
 
 
 class Flag:
     """An :class:`asyncio.Event` for the fetcher, whose timed wait makes no task.
 
-    ``asyncio.wait_for`` wraps the wait in a task of its own: a few turns of the loop
-    between a notification and the fetch it triggers.
+    A timed wait through a task of its own would cost a few turns of the loop between a
+    notification and the fetch it triggers.
     """
 
     __slots__ = ("_set", "_waiters")
@@ -53,7 +62,28 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+async def bounded(awaitable: Awaitable[_T], timeout: float) -> _T:
+    """Await ``awaitable`` for ``timeout`` seconds at most.
+
+    After ``timeout``, ``awaitable`` is cancelled and :class:`asyncio.TimeoutError`
+    raised. A cancellation of the caller is never lost: it cancels ``awaitable`` and
+    propagates, even when ``awaitable`` has just completed.
+    """
+    inner = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((inner,), timeout=timeout)
+    except asyncio.CancelledError:
+        inner.cancel()
+        raise
+    if not done:
+        inner.cancel()
+        # Let it unwind (release what it holds) before the caller goes on.
+        await asyncio.wait((inner,))
+        raise asyncio.TimeoutError
+    return inner.result()
+
+
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
     """Wait for ``event``, or ``timeout`` seconds at most."""
     with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        await bounded(event.wait(), timeout)
