@@ -94,7 +94,16 @@ async def test_our_sweep_never_unlocks_a_live_node_workers_long_job(
     try:
         pool_id = node.start_pool("alive", schema, {"long": {"log": log, **LONG}})
         await await_for(lambda: log_rows(engine, log), what="Node to start the long job")
-        # A holder that vanished 5 hours ago: the sweep does recover that one.
+        # The live lock is older than the sweep threshold (by the database clock).
+        await await_for(
+            lambda: rows(
+                engine, schema, f"j.id = {long_job.id} and j.locked_at < now() - interval '2 s'"
+            ),
+            what="the live lock to age",
+        )
+        # A holder that vanished 5 hours ago: the sweep does recover that one. Set just
+        # before the sweep: Node's own 4-hour sweep (first at a random 0-60 s after its
+        # start) would otherwise race ours for it.
         gone = utils.add_raw_job("other", {"gone": True})
         q = quote_schema(schema)
         with engine.begin() as connection:
@@ -105,13 +114,6 @@ async def test_our_sweep_never_unlocks_a_live_node_workers_long_job(
                 ),
                 {"id": gone.id},
             )
-        # The live lock is older than the sweep threshold (by the database clock).
-        await await_for(
-            lambda: rows(
-                engine, schema, f"j.id = {long_job.id} and j.locked_at < now() - interval '2 s'"
-            ),
-            what="the live lock to age",
-        )
         (before,) = rows(engine, schema, f"j.id = {long_job.id}")
 
         sweep = utils.sweep_stale_workers(
