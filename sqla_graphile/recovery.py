@@ -326,16 +326,13 @@ def sweep_op(
     options: SweepStaleWorkersOptions,
     *,
     sweeper: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
 ) -> Op[SweepResult]:
     """Recover the jobs of dead workers (see the module's documentation).
 
-    ``sweeper``: the worker sweeping, heartbeated first in the same transaction and
-    never judged dead by its own sweep.
+    ``sweeper``: the worker sweeping, never judged dead by its own sweep (it heartbeats
+    in the same transaction first; see :func:`heartbeat_then_sweep_op`).
     """
     sql = recovery_statements(schema)
-    if sweeper is not None:
-        yield from heartbeat_op(schema, sweeper, metadata)
     threshold = (
         options.sweep_threshold if options.sweep_threshold is not None else config.sweep_threshold
     )
@@ -359,6 +356,22 @@ def sweep_op(
     if dead:
         yield sql.delete_workers, {"dead": dead}
     return SweepResult(dead + expired, sorted(recovered), queue_names)
+
+
+def heartbeat_then_sweep_op(
+    schema: str,
+    config: WorkerRecoveryConfig,
+    worker_id: str,
+    metadata: Mapping[str, Any] | None,
+) -> Op[tuple[bool, SweepResult]]:
+    """A registered worker's sweep: its heartbeat, then the sweep, in one transaction.
+
+    A sweep runs only once the sweeper's own heartbeat succeeded. Returns whether the
+    heartbeat had to create the row (as :func:`heartbeat_op`) and the sweep's result.
+    """
+    inserted = yield from heartbeat_op(schema, worker_id, metadata)
+    result = yield from sweep_op(schema, config, SweepStaleWorkersOptions(), sweeper=worker_id)
+    return inserted, result
 
 
 def heartbeat_op(schema: str, worker_id: str, metadata: Mapping[str, Any] | None) -> Op[bool]:

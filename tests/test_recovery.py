@@ -839,6 +839,28 @@ async def test_agent_registers_again_after_being_swept(
     assert worker_id not in registry(engine, schema)
 
 
+async def test_a_sweep_that_registers_again_warns_as_a_heartbeat_does(
+    engine: Engine, async_engine: AsyncEngine, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sweep heartbeats first in its transaction: when that heartbeat recreates the
+    # row, the worker was presumed dead meanwhile and must say so, whichever loop noticed.
+    worker_id = uid("swept")
+    caplog.set_level(logging.INFO, logger=RECOVERY_LOGGER)
+    agent = RecoveryAgent(async_engine, schema, worker_id, STEADY, task_identifiers=["t"])
+    await agent.register()  # no loops: this test runs the sweep itself
+    try:
+        swept = await sweep_as_stale(engine, schema, worker_id)
+        assert swept.worker_ids == [worker_id]
+        assert not messages(caplog, "presumed dead")
+        result = await agent.sweep()
+        assert result is not None and worker_id not in result.worker_ids
+        assert worker_id in registry(engine, schema)
+        assert messages(caplog, "presumed dead")
+    finally:
+        await agent.stop()
+    assert worker_id not in registry(engine, schema)
+
+
 # -- workers: crashes and late outcomes -------------------------------------------------
 
 

@@ -45,11 +45,10 @@ from ..errors import MigrationError, sqlstate_of, translate_db_error
 from ..hooks import Hooks, WorkerRecoveredEvent
 from ..recovery import (
     SweepResult,
-    SweepStaleWorkersOptions,
     WorkerRecoveryConfig,
     deregister_op,
     heartbeat_op,
-    sweep_op,
+    heartbeat_then_sweep_op,
     worker_metadata,
 )
 from ._aio import bounded
@@ -239,6 +238,11 @@ class RecoveryAgent:
         sent = time.monotonic()
         inserted = await self._run(heartbeat_op(self.schema, self.worker_id, self.metadata))
         self._alive(sent)
+        self._registered(inserted)
+        return inserted
+
+    def _registered(self, inserted: bool) -> None:
+        """After a heartbeat (on its own or a sweep's): warn when the row was gone."""
         if inserted:
             logger.warning(
                 "worker %s was presumed dead by a sweep (its heartbeat had stopped for "
@@ -248,7 +252,6 @@ class RecoveryAgent:
                 self.config.sweep_threshold,
             )
         self.registered = True
-        return inserted
 
     async def sweep(self) -> SweepResult | None:
         """Run one sweep with the worker's settings; log it, emit ``worker_recovered``.
@@ -257,17 +260,12 @@ class RecoveryAgent:
         """
         sent = time.monotonic()
         try:
-            result = await self._run(
-                sweep_op(
-                    self.schema,
-                    self.config,
-                    SweepStaleWorkersOptions(),
-                    sweeper=self.worker_id,
-                    metadata=self.metadata,
-                ),
+            inserted, result = await self._run(
+                heartbeat_then_sweep_op(self.schema, self.config, self.worker_id, self.metadata),
                 transaction=True,
             )
             self._alive(sent)
+            self._registered(inserted)
         except Exception as exc:
             logger.warning(
                 "the recovery sweep of worker %s failed (next in %s): %s",
