@@ -77,7 +77,9 @@ from .specs import JobKeyMode
 from .tasks import encode_json_value
 
 __all__ = [
+    "CRON_KEY",
     "Cron",
+    "CronInfo",
     "CronJobScheduledEvent",
     "CronScheduler",
     "CronTickEvent",
@@ -93,6 +95,8 @@ __all__ = [
 logger = logging.getLogger("sqla_graphile.cron")
 
 ONE_MINUTE = timedelta(minutes=1)
+#: The payload key under which the scheduler stamps a cron job's minute (as Node does).
+CRON_KEY = "_cron"
 _SMALLINT = (-32768, 32767)
 _MAX_NAME = 128
 
@@ -314,6 +318,43 @@ def _unstorable(what: str, text: str) -> str | None:
         except UnicodeEncodeError:
             return f"the {what} contains a lone surrogate, which PostgreSQL cannot store"
     return None
+
+
+# -- a cron job's stamp ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CronInfo:
+    """What the scheduler stamped on a job it added: the ``_cron`` key of its payload.
+
+    A handler reads it as :attr:`WorkerContext.cron <sqla_graphile.WorkerContext.cron>`
+    (``None`` for a job no crontab added). Jobs added by Node's cron carry the same stamp.
+    """
+
+    ts: datetime
+    """The minute the job was scheduled for (aware, UTC); also the job's ``run_at``."""
+    backfilled: bool
+    """Whether the minute was scheduled after it passed, by backfilling (``fill``)."""
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> CronInfo | None:
+        """The stamp in a job payload, or ``None`` if it has none (or a malformed one)."""
+        if not isinstance(payload, Mapping):
+            return None
+        stamp = payload.get(CRON_KEY)
+        if not isinstance(stamp, Mapping):
+            return None
+        ts, backfilled = stamp.get("ts"), stamp.get("backfilled", False)
+        if not isinstance(ts, str) or not isinstance(backfilled, bool):
+            return None
+        # JavaScript's toISOString ends in "Z", which fromisoformat reads from 3.11 only.
+        try:
+            instant = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith("Z") else ts)
+        except ValueError:
+            return None
+        if instant.tzinfo is None:
+            return None
+        return cls(instant.astimezone(timezone.utc), backfilled)
 
 
 # -- the item --------------------------------------------------------------------------
@@ -558,7 +599,7 @@ class Cron:
 
     def job_payload(self, ts: datetime, *, backfilled: bool = False) -> dict[str, Any]:
         """The payload of this item's job for minute ``ts``: the payload plus ``_cron``."""
-        return {**self.payload, "_cron": {"ts": format_timestamp(ts), "backfilled": backfilled}}
+        return {**self.payload, CRON_KEY: {"ts": format_timestamp(ts), "backfilled": backfilled}}
 
 
 # -- JSON5 payloads --------------------------------------------------------------------
