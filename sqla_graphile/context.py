@@ -7,6 +7,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from .cron import CronInfo
 from .job import Job
 
 if TYPE_CHECKING:
@@ -124,6 +125,16 @@ class WorkerContext:
                 },
             )
         return logger
+
+    @property
+    def cron(self) -> CronInfo | None:
+        """The minute a crontab scheduled this job for, or ``None`` if no crontab added it.
+
+        Read from the ``_cron`` stamp of the job's payload (``ctx.cron.ts``,
+        ``ctx.cron.backfilled``), for jobs of Python's and of Node's cron alike. Typed
+        tasks' payloads never hold the stamp: the worker removes it before decoding.
+        """
+        return CronInfo.from_payload(self.job.payload)
 
     def __repr__(self) -> str:
         return f"WorkerContext(job={self.job!r}, worker_id={self.worker_id!r})"

@@ -15,7 +15,8 @@ Each field is a comma list of numbers, ``a-b`` ranges, ``*`` and ``*/n`` (steps 
 (``id``, ``fill``, ``max``, ``queue``, ``jobKey``, ``jobKeyMode``, ``priority``); then an
 optional JSON5 object payload on the same line (comments, unquoted keys, single quotes,
 trailing commas, hexadecimal numbers; ``NaN`` and ``Infinity`` are refused since JSON
-cannot hold them). Times are UTC. The same items can be written in Python::
+cannot hold them, and NUL characters since PostgreSQL cannot). Times are UTC. The same
+items can be written in Python::
 
     Cron("0 4 * * *", task="send_digest", fill=timedelta(days=2), max_attempts=10,
          payload={"onboarding": False})
@@ -62,18 +63,23 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from ._urls import async_engine_from_url
-from .errors import GraphileWorkerError
+from .errors import GraphileWorkerError, PayloadNotSerializable
 from .functions import worker_functions
 from .hooks import Hooks
 from .schema import DEFAULT_SCHEMA, validate_schema_name, worker_schema
 from .specs import JobKeyMode
+from .tasks import encode_json_value
 
 __all__ = [
+    "CRON_KEY",
     "Cron",
+    "CronInfo",
     "CronJobScheduledEvent",
     "CronScheduler",
     "CronTickEvent",
@@ -89,6 +95,8 @@ __all__ = [
 logger = logging.getLogger("sqla_graphile.cron")
 
 ONE_MINUTE = timedelta(minutes=1)
+#: The payload key under which the scheduler stamps a cron job's minute (as Node does).
+CRON_KEY = "_cron"
 _SMALLINT = (-32768, 32767)
 _MAX_NAME = 128
 
@@ -296,6 +304,59 @@ def _zone(value: str | ZoneInfo | None, where: str, line: int | None) -> ZoneInf
         ) from None
 
 
+def _unstorable(what: str, text: str) -> str | None:
+    """Why PostgreSQL could not store ``text`` (called ``what``), or ``None``.
+
+    Its text type refuses NUL, and UTF-8 (the connection's encoding) cannot hold a lone
+    surrogate.
+    """
+    if "\0" in text:
+        return f"the {what} contains a NUL character (\\u0000), which PostgreSQL cannot store"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"the {what} contains a lone surrogate, which PostgreSQL cannot store"
+    return None
+
+
+# -- a cron job's stamp ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CronInfo:
+    """What the scheduler stamped on a job it added: the ``_cron`` key of its payload.
+
+    A handler reads it as :attr:`WorkerContext.cron <sqla_graphile.WorkerContext.cron>`
+    (``None`` for a job no crontab added). Jobs added by Node's cron carry the same stamp.
+    """
+
+    ts: datetime
+    """The minute the job was scheduled for (aware, UTC); also the job's ``run_at``."""
+    backfilled: bool
+    """Whether the minute was scheduled after it passed, by backfilling (``fill``)."""
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> CronInfo | None:
+        """The stamp in a job payload, or ``None`` if it has none (or a malformed one)."""
+        if not isinstance(payload, Mapping):
+            return None
+        stamp = payload.get(CRON_KEY)
+        if not isinstance(stamp, Mapping):
+            return None
+        ts, backfilled = stamp.get("ts"), stamp.get("backfilled", False)
+        if not isinstance(ts, str) or not isinstance(backfilled, bool):
+            return None
+        # JavaScript's toISOString ends in "Z", which fromisoformat reads from 3.11 only.
+        try:
+            instant = datetime.fromisoformat(ts[:-1] + "+00:00" if ts.endswith("Z") else ts)
+        except ValueError:
+            return None
+        if instant.tzinfo is None:
+            return None
+        return cls(instant.astimezone(timezone.utc), backfilled)
+
+
 # -- the item --------------------------------------------------------------------------
 
 _UNSET: Any = object()
@@ -311,9 +372,10 @@ class Cron:
     after downtime, the minutes missed within it are still scheduled, flagged
     ``backfilled``. ``max_attempts``, ``queue``, ``job_key``, ``job_key_mode`` and
     ``priority`` go to ``add_job``; ``job_key_mode`` defaults to ``"replace"`` when a
-    key is given. ``payload`` is a JSON object; each job's payload is it plus
-    ``_cron: {ts, backfilled}``. ``timezone`` (a ``zoneinfo`` name) reads the fields on
-    that zone's wall clock instead of UTC.
+    key is given. ``payload`` is a JSON object, checked and converted as ``add_job``
+    does (values PostgreSQL cannot store, such as a NUL character, are refused here);
+    each job's payload is it plus ``_cron: {ts, backfilled}``. ``timezone`` (a
+    ``zoneinfo`` name) reads the fields on that zone's wall clock instead of UTC.
     """
 
     __slots__ = (
@@ -322,6 +384,7 @@ class Cron:
         "identifier",
         "job_key",
         "job_key_mode",
+        "line",
         "max_attempts",
         "payload",
         "priority",
@@ -342,6 +405,8 @@ class Cron:
     priority: int | None
     payload: dict[str, Any]
     timezone: ZoneInfo | None
+    line: int | None
+    """The crontab line the item was read from (``None`` for an item made in Python)."""
     _schedule: _Schedule
 
     def __init__(
@@ -409,6 +474,15 @@ class Cron:
             raise fail("queue", f"the queue name must be 1 to {_MAX_NAME} characters")
         if job_key is not None and (not isinstance(job_key, str) or not 0 < len(job_key) <= 512):
             raise fail("jobKey", "the job key must be 1 to 512 characters")
+        # Text PostgreSQL refuses would fail the minute's statement, every minute.
+        for name, what, value in (
+            ("task", "task identifier", task),
+            ("id", "identifier", identifier),
+            ("queue", "queue name", queue),
+            ("jobKey", "job key", job_key),
+        ):
+            if value is not None and (problem := _unstorable(what, value)):
+                raise fail(name, problem)
         mode: str | None
         if job_key_mode is None:
             mode = JobKeyMode.REPLACE.value if job_key is not None else None
@@ -425,11 +499,14 @@ class Cron:
             payload = {}
         if not isinstance(payload, Mapping):
             raise fail("payload", "the payload must be a JSON object (a mapping)")
-        payload_dict = dict(payload)
+        # add_job's codec, so a payload is refused (or converted) exactly as add_job would.
         try:
-            json.dumps(payload_dict, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise fail("payload", f"the payload cannot be stored as JSON: {exc}") from None
+            encoded = encode_json_value(dict(payload))
+        except PayloadNotSerializable as exc:
+            raise fail("payload", str(exc)) from None
+        if problem := _unstorable("payload", encoded):
+            raise fail("payload", problem)
+        payload_dict: dict[str, Any] = json.loads(encoded)
 
         set_ = object.__setattr__
         set_(self, "_schedule", _parse_schedule(fields, line=line, where=label))
@@ -444,6 +521,7 @@ class Cron:
         set_(self, "priority", priority)
         set_(self, "payload", payload_dict)
         set_(self, "timezone", _zone(timezone, label, line))
+        set_(self, "line", line)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Cron items are immutable")
@@ -521,7 +599,7 @@ class Cron:
 
     def job_payload(self, ts: datetime, *, backfilled: bool = False) -> dict[str, Any]:
         """The payload of this item's job for minute ``ts``: the payload plus ``_cron``."""
-        return {**self.payload, "_cron": {"ts": format_timestamp(ts), "backfilled": backfilled}}
+        return {**self.payload, CRON_KEY: {"ts": format_timestamp(ts), "backfilled": backfilled}}
 
 
 # -- JSON5 payloads --------------------------------------------------------------------
@@ -714,7 +792,12 @@ class _JSON5Reader:
                 chars.append(escape)
                 self.pos += 2
         # Pair surrogates written as two \\u escapes, as JavaScript strings do.
-        return "".join(chars).encode("utf-16", "surrogatepass").decode("utf-16")
+        try:
+            return "".join(chars).encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            raise self.error(
+                "a string holds a lone surrogate, which PostgreSQL cannot store"
+            ) from None
 
     def number(self) -> int | float:
         match = _JSON5_NUMBER.match(self.text, self.pos)
@@ -922,13 +1005,15 @@ class CronTickEvent:
     Emitted for every minute of the live loop (``backfilled=False``), and for every
     backfilled minute that had due items. ``due`` lists the identifiers matching the
     minute; ``scheduled`` those for which this process added a job (the others were
-    already handled by another process).
+    already handled by another process, or are in ``failed``); ``failed`` those whose
+    job the database refused (each logged; the other items were scheduled all the same).
     """
 
     timestamp: datetime
     backfilled: bool
     due: tuple[str, ...]
     scheduled: tuple[str, ...]
+    failed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1050,8 +1135,17 @@ def _statements(schema: str) -> _Statements:
     return _Statements(read_known, register_unknown, schedule)
 
 
-def _encode(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def _transient(exc: BaseException) -> bool:
+    # Imported here: the worker package imports this module.
+    from .worker.connection import is_transient
+
+    return is_transient(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    error = getattr(exc, "orig", None) or exc
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class CronScheduler:
@@ -1072,7 +1166,10 @@ class CronScheduler:
 
     Jobs are added by the SQL ``add_job`` in the statement that claims the minute, as
     Node does, so ``before_job_schedule`` interceptors do not see them; the ``cron_tick``
-    and ``cron_job_scheduled`` events are emitted through ``hooks``.
+    and ``cron_job_scheduled`` events are emitted through ``hooks``. If the database
+    refuses one item's job, the minute's other items are still scheduled: the failure is
+    logged, that item's minute stays unclaimed, and the scheduler carries on. A lost
+    connection (or another error a retry may cure) restarts the cycle instead.
     """
 
     def __init__(
@@ -1102,7 +1199,9 @@ class CronScheduler:
         bind = self._bind
         if isinstance(bind, str):
             if self._owned_engine is None:
-                self._owned_engine = async_engine_from_url(bind)
+                # One connection per transaction: the scheduler speaks once a minute, and an
+                # idle pooled link could die in between.
+                self._owned_engine = async_engine_from_url(bind, poolclass=NullPool)
             bind = self._owned_engine
         if isinstance(bind, AsyncEngine):
             async with bind.begin() as connection:
@@ -1123,7 +1222,8 @@ class CronScheduler:
         """Schedule minute ``ts`` for ``items`` (default: those matching it), in one statement.
 
         Returns the identifiers this call scheduled: those whose minute no other process
-        (Python or Node) had handled yet.
+        (Python or Node) had handled yet. An item whose job the database refuses is
+        logged and reported in the ``cron_tick`` event; the others are scheduled.
         """
         ts = _floor_minute(ts.astimezone(timezone.utc))
         due = [item for item in self.items if item.matches(ts)] if items is None else list(items)
@@ -1144,18 +1244,51 @@ class CronScheduler:
             }
             for ordinal, item in enumerate(due)
         ]
-        async with self._transaction() as connection:
-            result = await connection.execute(
-                self._sql.schedule, {"specs": _encode(specs), "ts": ts}
+        failed: list[str] = []
+
+        def refused(spec: dict[str, Any], exc: Exception) -> None:
+            failed.append(spec["identifier"])
+            logger.error(
+                "cron could not add the job of item %r (task %r) for %s; the minute's other "
+                "items are scheduled regardless: %s",
+                spec["identifier"],
+                spec["task"],
+                format_timestamp(ts),
+                _describe(exc),
+                exc_info=None if isinstance(exc, DBAPIError) else exc,
             )
-            rows = result.all()
+
+        try:
+            rows = await self._add_jobs(specs, ts)
+        except Exception as exc:
+            if _transient(exc):
+                raise  # a lost connection, say: the cycle restarts, and backfills
+            rows = []
+            if len(specs) == 1:
+                refused(specs[0], exc)
+            else:
+                # The statement is all or nothing: one refused job would cost every item
+                # its minute, every minute. Add each item's job on its own instead.
+                for spec in specs:
+                    try:
+                        rows.extend(await self._add_jobs([spec], ts))
+                    except Exception as item_exc:
+                        if _transient(item_exc):
+                            raise
+                        refused(spec, item_exc)
         by_id = {item.identifier: item for item in due}
         scheduled = [row.identifier for row in rows]
         if scheduled:
             logger.debug("cron scheduled %s for %s", ", ".join(scheduled), format_timestamp(ts))
         await self._emit(
             "cron_tick",
-            CronTickEvent(ts, backfilled, tuple(i.identifier for i in due), tuple(scheduled)),
+            CronTickEvent(
+                ts,
+                backfilled,
+                tuple(i.identifier for i in due),
+                tuple(scheduled),
+                tuple(failed),
+            ),
         )
         if self.hooks is not None and self.hooks.has("cron_job_scheduled"):
             for row in rows:
@@ -1164,6 +1297,14 @@ class CronScheduler:
                     CronJobScheduledEvent(by_id[row.identifier], ts, backfilled, row.job_id),
                 )
         return scheduled
+
+    async def _add_jobs(self, specs: list[dict[str, Any]], ts: datetime) -> list[Any]:
+        """Claim minute ``ts`` for ``specs`` and add their jobs, in one transaction."""
+        async with self._transaction() as connection:
+            result = await connection.execute(
+                self._sql.schedule, {"specs": encode_json_value(specs), "ts": ts}
+            )
+            return list(result.all())
 
     async def _emit(self, event: str, payload: Any) -> None:
         if self.hooks is not None and self.hooks.has(event):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, Text, cast, insert, select
+from sqlalchemy import Engine, Text, cast, insert, literal, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sqla_graphile.cron import (
@@ -35,7 +38,7 @@ from sqla_graphile.cron import (
     parse_time_phrase,
 )
 from sqla_graphile.hooks import Hooks
-from sqla_graphile.schema import worker_schema
+from sqla_graphile.schema import quote_schema, worker_schema
 
 UTC = timezone.utc
 
@@ -136,6 +139,7 @@ def test_parse_payload_json_and_json5(payload: str, expected: dict[str, Any]) ->
         ("* * * * * t ?priority=40000", "priority", "priority must be an integer"),
         ("* * * * * t ?jobKeyMode=unsafe_dedupe", "jobKeyMode", "invalid value"),
         ("* * * * * t ?jobKey=", "jobKey", "empty"),
+        ("* * * * * t ?jobKey=a%00b", "jobKey", "the job key contains a NUL character"),
         ("* * * * * t ?colour=red", "options", "unsupported option 'colour'"),
         ("* * * * * t ?tz=Mars/Olympus", "timezone", "unknown time zone"),
         ("* * * * * t {a:}", "payload", "invalid JSON5"),
@@ -153,6 +157,74 @@ def test_parse_errors_name_line_and_field(text: str, field: str, message: str) -
     assert "line 4" in str(error)
     assert field in str(error)
     assert message in str(error)
+
+
+# Each JSON5 payload, and the JSON text it stands for (what Node would send).
+_UNSTORABLE_PAYLOADS = [
+    (r'{a: "x\u0000y"}', r'{"a":"x\u0000y"}'),
+    (r"{a: 'x\0y'}", r'{"a":"x\u0000y"}'),
+    (r'{"k\u0000": 1}', r'{"k\u0000":1}'),
+    (r'{a: [1, {b: "\x00"}]}', r'{"a":[1,{"b":"\u0000"}]}'),
+    (r'{a: "\ud800"}', r'{"a":"\ud800"}'),
+]
+
+
+@pytest.mark.parametrize(("payload", "json_text"), _UNSTORABLE_PAYLOADS)
+def test_payloads_postgresql_cannot_store_are_refused_when_parsed(
+    engine: Engine, payload: str, json_text: str
+) -> None:
+    # PostgreSQL refuses this payload: scheduled, it would fail the minute, every minute.
+    with engine.connect() as connection, pytest.raises(DBAPIError):
+        connection.execute(select(cast(literal(json_text), JSONB)))
+    with pytest.raises(CrontabError) as caught:
+        parse_crontab(f"* * * * * fine\n* * * * * t {payload}\n")
+    assert (caught.value.line, caught.value.field) == (2, "payload")
+    assert str(caught.value).startswith("line 2 of crontab, payload: ")
+    assert "NUL" in str(caught.value) or "surrogate" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"payload": {"a": "x\0y"}}, "payload"),
+        ({"payload": {"a": {"b": ["\ud800"]}}}, "payload"),
+        ({"job_key": "key\0"}, "jobKey"),
+        ({"queue": "q\0"}, "queue"),
+        ({"id": "i\0d"}, "id"),
+        ({"task": "t\0"}, "task"),
+    ],
+)
+def test_typed_items_with_unstorable_text_are_refused(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(CrontabError) as caught:
+        Cron("* * * * *", **{"task": "t", **kwargs})
+    assert caught.value.field == field
+
+
+def test_payloads_are_converted_as_add_job_converts_them() -> None:
+    when = datetime(2026, 1, 2, 3, 4, tzinfo=UTC)
+    item = Cron("* * * * *", "t", payload={"when": when, "tags": ("a", "b")})
+    assert item.payload == {"when": "2026-01-02T03:04:00+00:00", "tags": ["a", "b"]}
+    with pytest.raises(CrontabError, match="payload"):
+        Cron("* * * * *", "t", payload={"n": float("nan")})
+    with pytest.raises(CrontabError, match="payload"):
+        Cron("* * * * *", "t", payload={"o": object()})
+
+
+async def test_near_misses_of_unstorable_payloads_are_scheduled(
+    async_engine: AsyncEngine, engine: Engine, schema: str
+) -> None:
+    # A backslash followed by "u0000" is text, not NUL; a surrogate pair is one character.
+    items = parse_crontab(
+        "* * * * * backslash {a: 'x\\\\u0000y'}\n* * * * * pair {a: '\\ud83d\\ude00'}\n"
+    )
+    assert [i.payload for i in items] == [{"a": "x\\u0000y"}, {"a": "\U0001f600"}]
+    scheduler = CronScheduler(async_engine, items, schema=schema)
+    assert await scheduler.schedule_minute(utc(2026, 5, 1, 12)) == ["backslash", "pair"]
+    jobs = scheduled_jobs(engine, schema)
+    assert [{k: v for k, v in j.payload.items() if k != "_cron"} for j in jobs] == [
+        {"a": "x\\u0000y"},
+        {"a": "\U0001f600"},
+    ]
 
 
 def test_duplicate_identifiers_are_refused() -> None:
@@ -727,6 +799,88 @@ async def test_errors_restart_with_backoff_and_rerun_backfill(
     assert [(j.run_at, j.backfilled) for j in jobs] == [
         (t, True) for t in minutes(utc(2026, 4, 1, 9, 5), utc(2026, 4, 1, 10, 0), 5)
     ] + [(utc(2026, 4, 1, 10, 5), False)]
+
+
+def refuse_doomed_jobs(engine: Engine, schema: str) -> None:
+    """Make the database refuse every job whose payload has the key ``doomed``."""
+    q = quote_schema(schema)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                f"create function {q}.refuse_doomed() returns trigger language plpgsql as $$"
+                " begin if new.payload::jsonb ? 'doomed' then"
+                " raise exception 'doomed job refused'; end if; return new; end $$"
+            )
+        )
+        connection.execute(
+            text(
+                f"create trigger refuse_doomed before insert on {q}._private_jobs"
+                f" for each row execute function {q}.refuse_doomed()"
+            )
+        )
+
+
+async def test_a_refused_job_does_not_stop_the_other_items(
+    async_engine: AsyncEngine, engine: Engine, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    refuse_doomed_jobs(engine, schema)
+    caplog.set_level(logging.ERROR, logger="sqla_graphile.cron")
+    hooks = Hooks()
+    ticks: list[CronTickEvent] = []
+    hooks.on("cron_tick")(ticks.append)
+    crontab = (
+        "* * * * * before\n"
+        "* * * * * doomed {doomed: true}\n"
+        "*/2 * * * * after ?queue=q {fine: true}\n"
+        "1 12 * * * alone_doomed ?fill=1h {doomed: 'alone'}\n"
+    )
+    start = utc(2026, 5, 1, 11, 59, 30)
+    await run_scheduler(
+        async_engine, schema, crontab, start, utc(2026, 5, 1, 12, 3, 0, 500_000), hooks=hooks
+    )
+    jobs = scheduled_jobs(engine, schema)
+    every = minutes(utc(2026, 5, 1, 12, 0), utc(2026, 5, 1, 12, 3))
+    assert run_ats(jobs, "before") == every
+    assert run_ats(jobs, "after") == [utc(2026, 5, 1, 12, 0), utc(2026, 5, 1, 12, 2)]
+    assert run_ats(jobs, "doomed") == run_ats(jobs, "alone_doomed") == []
+    # Each minute: the refused items are reported, the others scheduled.
+    assert [(t.timestamp, t.scheduled, t.failed) for t in ticks] == [
+        (utc(2026, 5, 1, 12, 0), ("before", "after"), ("doomed",)),
+        (utc(2026, 5, 1, 12, 1), ("before",), ("doomed", "alone_doomed")),
+        (utc(2026, 5, 1, 12, 2), ("before", "after"), ("doomed",)),
+        (utc(2026, 5, 1, 12, 3), ("before",), ("doomed",)),
+    ]
+    # A refused item's minute is not claimed: nothing says it ran.
+    known = known_crontabs(engine, schema)
+    assert known["doomed"] == (start, None)
+    assert known["before"] == (start, utc(2026, 5, 1, 12, 3))
+    # Each refusal is logged with the item, the minute and the database's reason; the
+    # scheduler never restarted.
+    messages = [r.getMessage() for r in caplog.records if r.name == "sqla_graphile.cron"]
+    assert len(messages) == 5
+    assert all("doomed job refused" in m for m in messages)
+    assert sum("'doomed'" in m for m in messages) == 4
+    assert "'alone_doomed'" in messages[2] and "2026-05-01T12:01:00.000Z" in messages[2]
+    assert not any("restarting" in m for m in messages)
+
+
+async def test_a_refused_job_alone_in_its_minute_is_logged_and_skipped(
+    async_engine: AsyncEngine, engine: Engine, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    refuse_doomed_jobs(engine, schema)
+    caplog.set_level(logging.ERROR, logger="sqla_graphile.cron")
+    time = await run_scheduler(
+        async_engine,
+        schema,
+        "* * * * * doomed {doomed: 1}\n",
+        utc(2026, 5, 1, 11, 59, 30),
+        utc(2026, 5, 1, 12, 2, 0, 500_000),
+    )
+    assert scheduled_jobs(engine, schema) == []
+    messages = [r.getMessage() for r in caplog.records if r.name == "sqla_graphile.cron"]
+    assert len(messages) == 3 and all("doomed job refused" in m for m in messages)
+    # No backoff: the scheduler only ever slept until the next minute.
+    assert all(seconds > 1 for seconds in time.slept)
 
 
 async def test_run_returns_when_stop_is_set(async_engine: AsyncEngine, schema: str) -> None:

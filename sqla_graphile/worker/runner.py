@@ -79,7 +79,9 @@ class Worker:
     ``crontab``
         Recurring jobs: crontab text in Node's format, a crontab file (a ``Path``), or
         :class:`~sqla_graphile.cron.Cron` items. Scheduled beside Node workers sharing the
-        crontab, each minute once between them. Not run by :meth:`run_once`.
+        crontab, each minute once between them. Not run by :meth:`run_once`. An item
+        whose payload its typed task cannot decode raises
+        :class:`~sqla_graphile.cron.CrontabError` here.
     ``recovery``
         A :class:`~sqla_graphile.recovery.WorkerRecoveryConfig`. With ``enabled`` the
         worker registers before its first fetch, heartbeats and sweeps for dead workers
@@ -145,8 +147,10 @@ class Worker:
         self.shutdown_grace_period = shutdown_grace_period
         self.statement_timeout = statement_timeout
         self.listen = listen
-        # Parsed now, so a bad crontab fails at construction with its line and field.
+        # Parsed now, so a bad crontab fails at construction with its line and field; so
+        # does an item whose payload its typed task could never decode.
         self.crontab: list[Cron] = load_crontab(crontab)
+        self.tasks.check_crontab(self.crontab)
         self.worker_id = worker_id or f"graphile_worker_{secrets.token_hex(9)}"
         self._worker_id_given = worker_id is not None
         """Our lock id: ``locked_by`` of every job and queue this worker holds."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from ..context import WorkerContext
+from ..cron import CRON_KEY, Cron, CrontabError
 from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of
 
 __all__ = ["BatchFailure", "BatchJobError", "TaskRegistry", "WorkerTask", "batch_outcome"]
@@ -35,32 +37,62 @@ class WorkerTask:
     """Decode the payload and call the handler; returns its result (or a coroutine)."""
     is_async: bool
     is_batch: bool
+    decode: Callable[[Any], Any] | None = None
+    """What the handler receives for a payload, for typed tasks (``None``: the JSON)."""
+
+
+def _without_cron(payload: Any) -> Any:
+    """The payload minus the ``_cron`` stamp of a cron job, which typed payloads lack.
+
+    The handler reads the stamp as ``ctx.cron``; the row keeps it, as Node wrote it.
+    """
+    if isinstance(payload, dict) and CRON_KEY in payload:
+        payload = {key: value for key, value in payload.items() if key != CRON_KEY}
+    return payload
 
 
 def _task_handler(cls: type[TaskHandler]) -> WorkerTask:
-    def invoke(payload: Any, ctx: WorkerContext) -> Any:
-        return cls.from_payload(payload).run(ctx)
+    def decode(payload: Any) -> TaskHandler:
+        return cls.from_payload(_without_cron(payload))
 
-    return WorkerTask(identifier_of(cls), invoke, inspect.iscoroutinefunction(cls.run), False)
+    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+        return cls.from_payload(_without_cron(payload)).run(ctx)
+
+    is_async = inspect.iscoroutinefunction(cls.run)
+    return WorkerTask(identifier_of(cls), invoke, is_async, False, decode)
 
 
 def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
-    def invoke(payload: Any, ctx: WorkerContext) -> Any:
-        return fn.fn(fn.decode(payload), ctx)
+    is_async = inspect.iscoroutinefunction(fn.fn)
+    if fn.payload_type is None:
+        # Untyped: the JSON as stored, ``_cron`` included (as a Node handler sees it).
+        def call(payload: Any, ctx: WorkerContext) -> Any:
+            return fn.fn(payload, ctx)
 
-    return WorkerTask(fn.IDENTIFIER, invoke, inspect.iscoroutinefunction(fn.fn), False)
+        return WorkerTask(fn.IDENTIFIER, call, is_async, False)
+
+    def decode(payload: Any) -> Any:
+        return fn.decode(_without_cron(payload))
+
+    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+        return fn.fn(fn.decode(_without_cron(payload)), ctx)
+
+    return WorkerTask(fn.IDENTIFIER, invoke, is_async, False, decode)
 
 
 def _batch_task(cls: type[BatchTaskHandler]) -> WorkerTask:
-    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+    def decode(payload: Any) -> list[BatchTaskHandler]:
         if not isinstance(payload, list):
             raise BatchJobError(
                 f"batch job payload must be a JSON array, got {_json_kind(payload)}"
             )
-        items = [cls.from_payload(item) for item in payload]
-        return cls.run_batch(items, ctx)
+        return [cls.from_payload(item) for item in payload]
 
-    return WorkerTask(identifier_of(cls), invoke, inspect.iscoroutinefunction(cls.run_batch), True)
+    def invoke(payload: Any, ctx: WorkerContext) -> Any:
+        return cls.run_batch(decode(payload), ctx)
+
+    is_async = inspect.iscoroutinefunction(cls.run_batch)
+    return WorkerTask(identifier_of(cls), invoke, is_async, True, decode)
 
 
 def _json_kind(value: Any) -> str:
@@ -100,6 +132,40 @@ class TaskRegistry(dict[str, WorkerTask]):
         if not registry:
             raise ValueError("a worker needs at least one task")
         return registry
+
+    def check_crontab(self, items: Iterable[Cron]) -> None:
+        """Refuse cron items whose jobs one of these typed tasks could never decode.
+
+        A cron item's payload never changes, so a payload its task cannot decode would
+        fail the item's job every time it runs. Raises :class:`CrontabError` naming the
+        item (its line), the task and the decoding error. Items of tasks not registered
+        here (a Node worker's, say) and untyped tasks are not checked.
+        """
+        for item in items:
+            entry = self.get(item.task)
+            if entry is None or entry.decode is None:
+                continue
+            # The payload of a job the item would add, decoded as the worker would.
+            payload = item.job_payload(_SAMPLE_MINUTE)
+            try:
+                entry.decode(payload)
+            except Exception as exc:
+                where = (
+                    f"line {item.line} of crontab"
+                    if item.line is not None
+                    else f"cron item {item.identifier!r}"
+                )
+                kind = "batch task" if entry.is_batch else "typed task"
+                raise CrontabError(
+                    f"{where}, payload: the {kind} {item.task!r} cannot decode the item's "
+                    f"payload {item.payload!r}, so every job of it would fail: "
+                    f"{type(exc).__name__}: {exc}",
+                    line=item.line,
+                    field="payload",
+                ) from exc
+
+
+_SAMPLE_MINUTE = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
 def batch_outcome(items: Sequence[Any], result: Any) -> BatchFailure | None:
