@@ -262,3 +262,63 @@ def test_the_pages_are_found() -> None:
     # The parametrization above would silently shrink if pages moved.
     names = {page_id(page) for page in runnable_pages()}
     assert {"README.md", "docs/quickstart.md", "docs/testing.md"} <= names
+
+
+# -- the configuration reference -----------------------------------------------------------
+
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+ENV_READ = re.compile(
+    r"""environ\.get\(\s*["']([A-Z][A-Z0-9_]*)["']"""
+    r"""|environ\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\]"""
+    r"""|getenv\(\s*["']([A-Z][A-Z0-9_]*)["']"""
+    r"""|envvar\s*=\s*["']([A-Z][A-Z0-9_]*)["']"""
+)
+ENV_LIST = re.compile(r"envvar\s*=\s*\[([^\]]*)\]")
+
+
+def table_names(heading: str) -> set[str]:
+    """The names in the first column (`name`) of the table under a ``## heading``."""
+    text_ = CONFIGURATION.read_text(encoding="utf-8")
+    start = text_.index(f"\n## {heading}\n")
+    end = text_.find("\n## ", start + 1)
+    section = text_[start : end if end != -1 else len(text_)]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE))
+
+
+def test_configuration_lists_every_worker_option() -> None:
+    import inspect
+
+    parameters = set(inspect.signature(Worker.__init__).parameters) - {"self"}
+    assert parameters - table_names("`Worker`") == set()
+
+
+def test_configuration_lists_every_recovery_field() -> None:
+    import dataclasses
+
+    from sqla_graphile import WorkerRecoveryConfig
+
+    fields = {f.name for f in dataclasses.fields(WorkerRecoveryConfig)}
+    assert fields - table_names("`WorkerRecoveryConfig`") == set()
+
+
+def test_configuration_lists_every_utils_option() -> None:
+    import inspect
+
+    parameters = {
+        name
+        for name in inspect.signature(WorkerUtils.__init__).parameters
+        if name != "self" and not name.startswith("_")
+    }
+    assert parameters - table_names("`WorkerUtils` and `AsyncWorkerUtils`") == set()
+
+
+def test_configuration_lists_every_environment_variable() -> None:
+    read: set[str] = set()
+    for source in (ROOT / "sqla_graphile").rglob("*.py"):
+        code = source.read_text(encoding="utf-8")
+        for match in ENV_READ.finditer(code):
+            read.update(name for name in match.groups() if name)
+        for listed in ENV_LIST.finditer(code):
+            read.update(re.findall(r"""["']([A-Z][A-Z0-9_]*)["']""", listed[1]))
+    assert {"DATABASE_URL", "GRAPHILE_WORKER_SCHEMA"} <= read  # the scan itself works
+    assert read - table_names("Environment variables") == set()
