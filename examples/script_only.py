@@ -1,6 +1,8 @@
 """No framework: migrate, enqueue inside a transaction, and run a worker until it is done.
 
 DATABASE_URL=postgresql://user@localhost/mydb python examples/script_only.py
+
+``GRAPHILE_WORKER_SCHEMA`` chooses the worker schema (default ``graphile_worker``).
 """
 
 from __future__ import annotations
@@ -79,5 +81,6 @@ def main(database_url: str, schema: str = "graphile_worker") -> list[tuple[str, 
 
 
 if __name__ == "__main__":
-    for email, welcomed in main(os.environ["DATABASE_URL"]):
+    schema = os.environ.get("GRAPHILE_WORKER_SCHEMA") or "graphile_worker"
+    for email, welcomed in main(os.environ["DATABASE_URL"], schema):
         print(f"{email}: {welcomed or 'not yet'}")

@@ -1,13 +1,13 @@
 """``POST /orders`` writes an order and enqueues its confirmation email in one transaction.
 
-Run it with ``uvicorn --factory fastapi_orders.app:create_app`` (``DATABASE_URL`` set,
-the worker schema migrated with ``graphile-worker migrate``), and the worker beside it
-with ``python -m fastapi_orders.worker``.
+Run it from ``examples/`` with ``uvicorn --factory fastapi_orders.app:create_app``
+(``DATABASE_URL`` set, the worker schema migrated with ``graphile-worker migrate``), and
+its worker beside it with ``graphile-worker run --tasks fastapi_orders.tasks``; see
+``examples/README.md``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from sqla_graphile import WorkerUtils
 
-from .models import Base, Order, engine_for
+from .models import Base, Order, engine_for, settings
 from .tasks import SendOrderEmail
 
 
@@ -56,14 +56,15 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def create_app(database_url: str | None = None, schema: str = "graphile_worker") -> FastAPI:
-    """The service, on ``database_url`` (default ``$DATABASE_URL``) and a worker schema."""
-    engine = engine_for(database_url or os.environ["DATABASE_URL"])
+def create_app(database_url: str | None = None, schema: str | None = None) -> FastAPI:
+    """The service, on ``database_url`` and ``schema`` (default: from the environment)."""
+    url, worker_schema = settings(database_url, schema)
+    engine = engine_for(url)
     Base.metadata.create_all(engine)  # the example's own table; use Alembic in production
     app = FastAPI(title="orders")
     # One long-lived WorkerUtils; each request binds it to its own session.
     app.state.engine = engine
-    app.state.jobs = WorkerUtils(engine, schema)
+    app.state.jobs = WorkerUtils(engine, worker_schema)
 
     @app.post("/orders", status_code=201)
     def create_order(body: OrderIn, session: SessionDep, request: Request) -> OrderOut:

@@ -1,12 +1,15 @@
-"""The service's database: one ``orders`` table, and its engine."""
+"""The service's database: one ``orders`` table, its engine and its settings."""
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 
 from sqlalchemy import DateTime, Engine, Integer, String, create_engine, func
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sqla_graphile import DEFAULT_SCHEMA
 
 
 class Base(DeclarativeBase):
@@ -32,3 +35,16 @@ def engine_for(database_url: str) -> Engine:
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     return create_engine(url)
+
+
+def settings(database_url: str | None = None, schema: str | None = None) -> tuple[str, str]:
+    """The database URL and worker schema: as given, else from the environment.
+
+    ``DATABASE_URL`` and ``GRAPHILE_WORKER_SCHEMA`` (default ``graphile_worker``), the
+    variables the ``graphile-worker`` command reads too, so the app, its worker and the
+    command line agree.
+    """
+    url = database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        raise RuntimeError("set DATABASE_URL, e.g. postgresql://user@localhost/mydb")
+    return url, schema or os.environ.get("GRAPHILE_WORKER_SCHEMA") or DEFAULT_SCHEMA

@@ -1,4 +1,9 @@
-"""The service's jobs: a typed task whose instance is its payload."""
+"""The service's jobs: a typed task whose instance is its payload.
+
+``graphile-worker run --tasks fastapi_orders.tasks`` (from ``examples/``) runs them, as
+does ``python -m fastapi_orders.worker``. A handler needs no engine of its own: it writes
+through the worker's, ``ctx.utils.bind``.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sqlalchemy import func, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from sqla_graphile import TaskHandler, WorkerContext
 
 from .models import Order
-
-# Bound to the database by the worker's entry point (see worker.py).
-Sessions: sessionmaker[Session] = sessionmaker()
 
 
 @dataclass
@@ -30,7 +32,8 @@ class SendOrderEmail(TaskHandler):
         # A real service would call its mail provider here; raising fails the job,
         # and the worker retries it with exponential backoff.
         ctx.logger.info("sending the confirmation of order %d to %s", self.order_id, self.to)
-        with Sessions.begin() as session:
+        # The worker's own engine, whichever way the worker was started.
+        with Session(ctx.utils.bind) as session, session.begin():
             session.execute(
                 update(Order)
                 .where(Order.id == self.order_id)
