@@ -1,47 +1,61 @@
 """The ``graphile-worker`` command line (also ``python -m sqla_graphile``).
 
-Exit status: 0 on success, 1 on a runtime error (one line on stderr; ``--verbose`` adds
-the traceback), 2 on a usage error. ``--json`` prints machine-readable output for every
-command. A password in the database URL is never printed.
+Exit status: 0 on success; 1 on a runtime error (one line on stderr, ``--verbose`` adds
+the traceback), on a job or worker named that does not exist (nothing is changed then),
+and on an internal error (a bug: always with its traceback); 2 on a usage error; 57 when
+the database's worker schema is newer than this library. With ``--json`` the output is
+JSON and so is an error (one object on stderr). No password of the database URL is ever
+printed. The rules, case by case, are in the CLI reference (``docs/cli.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import errno
 import importlib
 import json
+import logging
 import re
 import sys
 import traceback
-import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+import psycopg
+from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ._admin import JobState
-from ._urls import engine_from_url, redact_url
+from ._urls import engine_from_url, normalize_url, redact, redact_url, url_secrets
 from .cron import TIME_UNITS
-from .errors import DatabaseNewerThanLibrary, GraphileWorkerError, sqlstate_of
+from .errors import DatabaseNewerThanLibrary, GraphileWorkerError, sqlstate_of, translate_db_error
+from .functions import worker_functions
 from .job import Job
 from .recovery import SweepStaleWorkersOptions, WorkerRecoveryConfig
-from .schema import DEFAULT_SCHEMA, validate_schema_name
-from .specs import CleanupTask, JobKeyMode, JobSpec, RescheduleJobOptions
+from .schema import DEFAULT_SCHEMA, quote_schema, validate_schema_name, worker_schema
+from .specs import CleanupTask, JobKeyMode, JobSpec
 from .utils import WorkerUtils
 
-__all__ = ["main", "parse_duration", "parse_time"]
+__all__ = ["EXIT_BREAKING_MIGRATION", "SUPPORTED_URLS", "main", "parse_duration", "parse_time"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 # Node's time-phrase units, plus milliseconds and fractions for operators' convenience.
 _UNITS = {"ms": timedelta(milliseconds=1), **TIME_UNITS}
+
+#: Exit status when the worker schema holds a breaking migration newer than this library
+#: (Node's): supervisors restart the worker, which must be upgraded first.
+EXIT_BREAKING_MIGRATION = 57
+
+#: The database URLs the command line takes (it talks to PostgreSQL through psycopg 3).
+SUPPORTED_URLS = "postgresql://, postgres:// or postgresql+psycopg:// (psycopg 3)"
 
 
 def parse_duration(text: str) -> timedelta:
@@ -74,13 +88,20 @@ def parse_time(text: str) -> datetime:
 class _Duration(click.ParamType):  # type: ignore[type-arg]
     name = "duration"
 
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+            duration = value
+        else:
+            try:
+                duration = parse_duration(str(value))
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        if self.positive and duration <= timedelta(0):
+            self.fail(f"{value!r} must be longer than 0", param, ctx)
+        return duration
 
 
 class _Time(click.ParamType):  # type: ignore[type-arg]
@@ -95,8 +116,38 @@ class _Time(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
+class _Name(click.ParamType):  # type: ignore[type-arg]
+    """A task identifier, queue name, job key, flag or worker id: text, never empty."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == "":
+            self.fail("must not be empty", param, ctx)
+        return value
+
+
 DURATION = _Duration()
+#: Job ids are PostgreSQL bigints, from 1.
+JOB_ID = click.IntRange(1, 2**63 - 1)
+POSITIVE_DURATION = _Duration(positive=True)
 TIME = _Time()
+NAME = _Name()
+
+
+def _checked_url(url: str) -> str:
+    """``url`` if the command line can use it, else a usage error naming what it takes."""
+    try:
+        parsed = normalize_url(url)
+    except Exception:  # whatever SQLAlchemy says, the URL itself is not echoed
+        raise click.UsageError(
+            f"--database-url is not a database URL; use {SUPPORTED_URLS}"
+        ) from None
+    if parsed.drivername != "postgresql+psycopg":
+        scheme = url.partition("://")[0]
+        named = f"{scheme}://" if re.fullmatch(r"[A-Za-z][\w+.-]*", scheme) else "this scheme"
+        raise click.UsageError(f"--database-url: {named} is not supported; use {SUPPORTED_URLS}")
+    return url
 
 
 @dataclasses.dataclass
@@ -111,23 +162,229 @@ class _State:
     def url(self) -> str:
         if not self.database_url:
             raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
-        return self.database_url
+        return _checked_url(self.database_url)
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = engine_from_url(self.url())
+        return self._engine
 
     def utils(self) -> WorkerUtils:
         if self._utils is None:
-            try:
-                self._engine = engine_from_url(self.url())
-            except ArgumentError:
-                raise click.UsageError(
-                    f"--database-url is not a database URL: {redact_url(self.url())}"
-                ) from None
-            self._utils = WorkerUtils(self._engine, self.schema)
+            self._utils = WorkerUtils(self.engine(), self.schema)
         return self._utils
 
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = self._utils = None
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class _Failure(Exception):
+    """A command's expected failure (a job that does not exist ...): one line, exit 1.
+
+    ``details`` join the JSON error object (``missing`` lists what was not found).
+    """
+
+    def __init__(self, message: str, kind: str = "error", **details: Any) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.details = details
+
+
+class _Reported(click.ClickException):
+    """An error already rendered (text or JSON, secrets hidden), with its exit status."""
+
+    def __init__(self, rendered: str, exit_code: int) -> None:
+        super().__init__(rendered)
+        self.rendered = rendered
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.rendered, file=file, err=file is None)
+
+
+@dataclasses.dataclass
+class _Error:
+    """What to say about an exception: its message, kind and exit status."""
+
+    message: str
+    kind: str
+    exit_code: int = 1
+    exception: BaseException | None = None
+    #: The traceback is shown even without --verbose (internal errors: bugs).
+    always_trace: bool = False
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """Whether the database could not be reached (as opposed to a failed statement).
+
+    Connection failures carry no SQLSTATE, or one of the connection (08), authentication
+    (28) or server-shutdown (57P) classes; a statement timeout or a lock timeout is an
+    operational error too, but of a reachable database.
+    """
+    if isinstance(exc, DBAPIError):
+        if not isinstance(exc, OperationalError):
+            return False
+        if exc.connection_invalidated:
+            return True
+    elif not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = sqlstate_of(exc)
+    return state is None or state.startswith(("08", "28", "57P"))
+
+
+def _classify(exc: Exception, url: str | None) -> _Error:
+    if isinstance(exc, click.UsageError):
+        return _Error(exc.format_message(), "usage", exc.exit_code, exc.__cause__)
+    if isinstance(exc, click.ClickException):
+        return _Error(exc.format_message(), "error", exc.exit_code, exc.__cause__)
+    if isinstance(exc, _Failure):
+        return _Error(str(exc), exc.kind, 1, exc.__cause__, details=exc.details)
+    if isinstance(exc, GraphileWorkerError):
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        breaking = isinstance(exc, DatabaseNewerThanLibrary)
+        return _Error(message, "error", EXIT_BREAKING_MIGRATION if breaking else 1, exc)
+    if isinstance(exc, (DBAPIError, psycopg.Error)):
+        if _is_connection_error(exc):
+            where = redact_url(url) if url else "?"
+            message = f"cannot reach the database at {where}: {_one_line(exc)}"
+            return _Error(message, "connection", 1, exc)
+        return _Error(f"database error: {_one_line(exc)}", "database", 1, exc)
+    # Anything else is a bug (ours, or of code we called): shown with its traceback.
+    message = f"{type(exc).__name__}: {_one_line(exc)}"
+    return _Error(message, "internal", 1, exc, always_trace=True)
+
+
+def _render(error: _Error, *, as_json: bool, verbose: bool, secrets: Iterable[str]) -> str:
+    secrets = frozenset(secrets)
+    message = redact(error.message, secrets)  # before any escaping, which would hide them
+    trace = None
+    if error.exception is not None and (verbose or error.always_trace):
+        exc = error.exception
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        trace = redact(text.rstrip(), secrets)
+    if as_json:
+        data: dict[str, Any] = {"error": message, "type": error.kind, **error.details}
+        if error.exception is not None and error.kind != "usage":
+            data["exception"] = type(error.exception).__name__
+        if trace is not None:
+            data["traceback"] = trace
+        return json.dumps(data, ensure_ascii=False)
+    if error.kind == "internal":
+        line = f"internal error: {message} (a bug; please report it with the traceback)"
+    else:
+        line = f"error: {message}"
+    return f"{trace}\n{line}" if trace else line
+
+
+def _before_double_dash(args: Sequence[str]) -> list[str]:
+    return list(args[: args.index("--")] if "--" in args else args)
+
+
+class _Group(click.Group):
+    """Reports every error by the rules of the CLI reference (its "Exit status and errors")."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        json_asked = "--json" in _before_double_dash(args)  # parsing consumes ``args``
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            if not json_asked:
+                raise
+            error = _Error(exc.format_message(), "usage", exc.exit_code)
+            raise _Reported(
+                _render(error, as_json=True, verbose=False, secrets=()), exc.exit_code
+            ) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # --json after the command name is only seen once the command's options are parsed:
+        # the raw arguments tell whether an error before that must be JSON too.
+        protected = getattr(ctx, "_protected_args", None)  # click < 8.2: protected_args
+        pending = [*(ctx.protected_args if protected is None else protected), *ctx.args]
+        json_asked = bool(ctx.params.get("as_json")) or "--json" in _before_double_dash(pending)
+        verbose = bool(ctx.params.get("verbose"))
+        url = ctx.params.get("database_url")
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, _Reported):
+            raise
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                raise  # a closed pipe (`| head`): click exits quietly
+            state = ctx.find_object(_State)
+            as_json = json_asked or (state is not None and state.as_json)
+            if isinstance(exc, click.ClickException) and not as_json:
+                raise  # click's own report, with the usage line
+            error = _classify(exc, url)
+            rendered = _render(error, as_json=as_json, verbose=verbose, secrets=url_secrets(url))
+            raise _Reported(rendered, error.exit_code) from None
+        finally:
+            state = ctx.find_object(_State)
+            if state is not None:
+                state.close()
+
+
+def _json_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    state = ctx.find_object(_State)
+    if value and state is not None:
+        state.as_json = True
+
+
+def _pass_state(fn: _F) -> _F:
+    """Pass the global state, and accept ``--json`` after the command name too."""
+    with_json = click.option(
+        "--json",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_json_after_command,
+        help="Machine-readable JSON output (same as the global --json).",
+    )
+    return with_json(click.pass_obj(fn))  # type: ignore[return-value]
+
+
+class _RedactingFormatter(logging.Formatter):
+    """A log formatter that hides the database URL's secrets."""
+
+    def __init__(self, fmt: str, secrets: frozenset[str]) -> None:
+        super().__init__(fmt)
+        self.secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+@contextlib.contextmanager
+def _translated(schema: str) -> Iterator[None]:
+    """Database errors of statements the command line runs itself, as named exceptions."""
+    try:
+        yield
+    except DBAPIError as exc:
+        named = translate_db_error(exc, schema=schema)
+        if named is None:
+            raise
+        raise named from exc
+
+
+# -- output ------------------------------------------------------------------------------
 
 
 def _to_jsonable(value: Any) -> Any:
@@ -225,97 +482,7 @@ def _emit(state: _State, data: Any, human: str) -> None:
         click.echo(human)
 
 
-#: Exit status of ``run`` stopped by a breaking migration newer than this library (Node's).
-EXIT_BREAKING_MIGRATION = 57
-
-
-def _fail(state: _State | None, message: str, exc: BaseException | None = None) -> NoReturn:
-    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    if state is not None and state.database_url:
-        message = _redact(message, state.database_url)
-    if state is not None and state.verbose and exc is not None:
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        click.echo(_redact(trace, state.database_url or ""), err=True)
-    click.echo(f"error: {message}", err=True)
-    # Node's status for a schema too new: supervisors restart the worker (after upgrading).
-    sys.exit(EXIT_BREAKING_MIGRATION if isinstance(exc, DatabaseNewerThanLibrary) else 1)
-
-
-def _redact(text: str, url: str) -> str:
-    """Hide the URL's password in ``text``, as typed (percent-encoded) and decoded."""
-    try:
-        password = make_url(url).password
-    except Exception:
-        return text
-    if password:
-        secret = str(password)
-        for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)}:
-            text = text.replace(form, "***")
-    return text
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        exc = exc.orig
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def _is_connection_error(exc: OperationalError) -> bool:
-    """Whether the database could not be reached (as opposed to a failed statement).
-
-    Connection failures carry no SQLSTATE, or one of the connection (08), authentication
-    (28) or server-shutdown (57P) classes; a statement timeout or a lock timeout is an
-    operational error too, but of a reachable database.
-    """
-    if exc.connection_invalidated:
-        return True
-    state = sqlstate_of(exc)
-    return state is None or state.startswith(("08", "28", "57P"))
-
-
-class _Group(click.Group):
-    """Turns library and database errors into one line and exit status 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except (GraphileWorkerError, ValueError, TypeError) as exc:
-            _fail(ctx.find_object(_State), str(exc), exc)
-        except OperationalError as exc:
-            state = ctx.find_object(_State)
-            if not _is_connection_error(exc):
-                _fail(state, f"database error: {_one_line(exc)}", exc)
-            where = redact_url(state.database_url) if state and state.database_url else "?"
-            _fail(state, f"cannot reach the database at {where}: {_one_line(exc)}", exc)
-        except DBAPIError as exc:
-            _fail(ctx.find_object(_State), f"database error: {_one_line(exc)}", exc)
-        except Exception as exc:  # anything else is still one line, unless --verbose
-            _fail(ctx.find_object(_State), f"{type(exc).__name__}: {_one_line(exc)}", exc)
-        finally:
-            state = ctx.find_object(_State)
-            if state is not None:
-                state.close()
-
-
-def _json_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    state = ctx.find_object(_State)
-    if value and state is not None:
-        state.as_json = True
-
-
-def _pass_state(fn: _F) -> _F:
-    """Pass the global state, and accept ``--json`` after the command name too."""
-    with_json = click.option(
-        "--json",
-        is_flag=True,
-        expose_value=False,
-        callback=_json_after_command,
-        help="Machine-readable JSON output (same as the global --json).",
-    )
-    return with_json(click.pass_obj(fn))  # type: ignore[return-value]
+# -- commands -----------------------------------------------------------------------------
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -323,7 +490,7 @@ def _pass_state(fn: _F) -> _F:
     "--database-url",
     envvar="DATABASE_URL",
     metavar="URL",
-    help="PostgreSQL URL (default: $DATABASE_URL).",
+    help=f"PostgreSQL URL: {SUPPORTED_URLS} (default: $DATABASE_URL).",
 )
 @click.option(
     "--schema",
@@ -332,7 +499,7 @@ def _pass_state(fn: _F) -> _F:
     show_default=True,
     help="Worker schema (also $GRAPHILE_WORKER_SCHEMA).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output and errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Tracebacks on errors; debug logging.")
 @click.version_option(package_name="sqla-graphile")
 @click.pass_context
@@ -347,33 +514,113 @@ def main(
     ctx.obj = _State(database_url, schema, as_json, verbose)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SchemaVersion:
+    migration: int | None  # Graphile Worker's ledger: its highest migration
+    revisions: tuple[str, ...]  # this library's Alembic revisions (heads) applied
+
+
+def _schema_version(engine: Engine, schema: str) -> _SchemaVersion:
+    from .migrations import VERSION_TABLE, read_ledger
+
+    with engine.connect() as connection:
+        ledger = read_ledger(connection, schema)
+        table = f"{quote_schema(schema)}.{VERSION_TABLE}"
+        revisions: tuple[str, ...] = ()
+        if ledger.schema_exists and connection.scalar(select(func.to_regclass(table))):
+            revisions = tuple(sorted(connection.scalars(text(f"select version_num from {table}"))))
+    return _SchemaVersion(ledger.highest, revisions)
+
+
+def _revisions_applied(schema: str, before: _SchemaVersion, after: _SchemaVersion) -> list[str]:
+    """The revisions that took the schema from ``before`` to ``after``, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    from .migrations import alembic_config
+
+    if before.revisions == after.revisions:
+        return []
+    script = ScriptDirectory.from_config(alembic_config(schema))
+    try:
+        between = script.iterate_revisions(after.revisions, before.revisions or "base")
+        return [revision.revision for revision in reversed(list(between))]
+    except Exception:  # a revision this library does not know: say what is certain
+        return [revision for revision in after.revisions if revision not in before.revisions]
+
+
 @main.command()
 @_pass_state
 def migrate(state: _State) -> None:
-    """Create or update the worker schema (Node graphile-worker 0.18's)."""
+    """Create or update the worker schema (Node graphile-worker 0.18's).
+
+    Reports what was applied: Graphile Worker's migration number before and after, and
+    this library's revisions run (none when the schema was up to date).
+    """
+    engine = state.engine()
+    before = _schema_version(engine, state.schema)
     state.utils().migrate()
-    _emit(
-        state, {"migrated": True, "schema": state.schema}, f"Schema {state.schema!r} is up to date."
-    )
+    after = _schema_version(engine, state.schema)
+    applied = _revisions_applied(state.schema, before, after)
+    data = {
+        "schema": state.schema,
+        "migrated": bool(applied) or before.migration != after.migration,
+        "from_migration": before.migration,
+        "to_migration": after.migration,
+        "revisions_applied": applied,
+    }
+    if data["migrated"]:
+        human = (
+            f"Migrated schema {state.schema!r}: Graphile Worker migration "
+            f"{before.migration or 'none'} -> {after.migration}; revisions applied: "
+            f"{', '.join(applied) or 'none'}."
+        )
+    else:
+        human = (
+            f"Schema {state.schema!r} is up to date (Graphile Worker migration "
+            f"{after.migration}); nothing to apply."
+        )
+    _emit(state, data, human)
+
+
+def _read_payload(payload: str | None, payload_file: str | None) -> Any:
+    """The JSON payload of ``add``, from --payload, a file or stdin (``-``)."""
+    source = payload
+    if payload_file == "-":
+        source = sys.stdin.read()
+    elif payload_file is not None:
+        try:
+            source = Path(payload_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--payload-file") from None
+    try:
+        return json.loads(source) if source is not None else None
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(
+            f"not valid JSON: {exc}", param_hint="--payload-file" if payload_file else "--payload"
+        ) from None
 
 
 @main.command()
-@click.argument("identifier")
+@click.argument("identifier", type=NAME)
 @click.option("--payload", metavar="JSON", help="JSON payload (default {}).")
-@click.option("--payload-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--queue", "queue_name", help="Named queue (its jobs run one at a time).")
+@click.option(
+    "--payload-file",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help="Read the JSON payload from this file ('-': standard input).",
+)
+@click.option("--queue", "queue_name", type=NAME, help="Named queue (its jobs run one at a time).")
 @click.option("--run-at", type=TIME, help="RFC 3339 time or 'now'.")
 @click.option("--max-attempts", type=click.IntRange(min=1))
-@click.option("--key", "job_key", help="Job key (deduplicates).")
+@click.option("--key", "job_key", type=NAME, help="Job key (deduplicates).")
 @click.option("--job-key-mode", type=click.Choice([m.value for m in JobKeyMode]))
 @click.option("--priority", type=int, help="Lower runs first.")
-@click.option("--flag", "flags", multiple=True, help="A flag (repeatable).")
+@click.option("--flag", "flags", type=NAME, multiple=True, help="A flag (repeatable).")
 @_pass_state
 def add(
     state: _State,
     identifier: str,
     payload: str | None,
-    payload_file: Path | None,
+    payload_file: str | None,
     queue_name: str | None,
     run_at: datetime | None,
     max_attempts: int | None,
@@ -387,18 +634,7 @@ def add(
         raise click.UsageError("give --payload or --payload-file, not both")
     if job_key_mode is not None and job_key is None:
         raise click.UsageError("--job-key-mode needs --key")
-    source = payload
-    if payload_file is not None:
-        try:
-            source = payload_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(str(exc), param_hint="--payload-file") from None
-    try:
-        value = json.loads(source) if source is not None else None
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(
-            f"not valid JSON: {exc}", param_hint="--payload-file" if payload_file else "--payload"
-        ) from None
+    value = _read_payload(payload, payload_file)
     spec = JobSpec(
         queue_name=queue_name,
         run_at=run_at,
@@ -420,8 +656,8 @@ def add(
     default=JobState.ALL.value,
     show_default=True,
 )
-@click.option("--task", "task_identifier", help="Only jobs of this task.")
-@click.option("--queue", "queue_name", help="Only jobs of this queue.")
+@click.option("--task", "task_identifier", type=NAME, help="Only jobs of this task.")
+@click.option("--queue", "queue_name", type=NAME, help="Only jobs of this queue.")
 @click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
 @_pass_state
@@ -444,14 +680,22 @@ def list_(
     _emit(state, jobs, _jobs_table(jobs) if jobs else "No jobs.")
 
 
+def _no_such_jobs(missing: Sequence[int], changed: bool) -> _Failure:
+    ids = ", ".join(map(str, missing))
+    what = f"no job with id {ids}" if len(missing) == 1 else f"no jobs with ids {ids}"
+    return _Failure(
+        what + ("; nothing was changed" if changed else ""), "not_found", missing=list(missing)
+    )
+
+
 @main.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @_pass_state
 def show(state: _State, job_id: int) -> None:
     """Show one job, with its payload."""
     job = state.utils().get_job(job_id)
     if job is None:
-        _fail(state, f"no job with id {job_id}")
+        raise _no_such_jobs([job_id], changed=False)
     fields = _to_jsonable(job)
     fields["state"] = _job_state(job)
     _emit(state, fields, _job_details(job))
@@ -485,37 +729,67 @@ def _job_details(job: Job) -> str:
     )
 
 
-def _ids_result(state: _State, verb: str, asked: Sequence[int], jobs: list[Job]) -> None:
-    done = {j.id for j in jobs}
-    skipped = [i for i in asked if i not in done]
-    data = {verb: [j.id for j in jobs], "skipped": skipped}
-    human = f"{verb.capitalize()} {len(jobs)} job(s): {', '.join(map(str, sorted(done))) or '-'}."
+def _act_on_jobs(
+    state: _State,
+    verb: str,
+    job_ids: Sequence[int],
+    act: Callable[[Connection, list[int]], Iterable[int]],
+) -> None:
+    """Run ``act`` on the jobs in one transaction: all of them exist, or nothing changes.
+
+    ``act`` returns the ids it changed; of the others, those that exist are locked by a
+    worker (skipped, reported), and any that does not exist rolls everything back.
+    """
+    asked = list(dict.fromkeys(job_ids))
+    jobs = worker_schema(state.schema).private_jobs
+    with _translated(state.schema), state.engine().begin() as connection:
+        done = set(act(connection, asked))
+        rest = [job_id for job_id in asked if job_id not in done]
+        existing = (
+            set(connection.scalars(select(jobs.c.id).where(jobs.c.id.in_(rest)))) if rest else set()
+        )
+        missing = [job_id for job_id in rest if job_id not in existing]
+        if missing:
+            raise _no_such_jobs(missing, changed=True)  # leaving the block rolls back
+    changed = [job_id for job_id in asked if job_id in done]
+    skipped = [job_id for job_id in rest if job_id in existing]
+    human = f"{verb.capitalize()} {len(changed)} job(s): {', '.join(map(str, changed)) or '-'}."
     if skipped:
-        human += f"\nSkipped (locked or missing): {', '.join(map(str, skipped))}."
-    _emit(state, data, human)
+        human += f"\nSkipped (locked by a worker): {', '.join(map(str, skipped))}."
+    _emit(state, {verb: changed, "skipped": skipped}, human)
 
 
 @main.command()
-@click.argument("job_ids", nargs=-1, required=True, type=int)
+@click.argument("job_ids", nargs=-1, required=True, type=JOB_ID)
 @_pass_state
 def complete(state: _State, job_ids: tuple[int, ...]) -> None:
     """Mark jobs complete (delete them); locked jobs are skipped."""
-    _ids_result(state, "completed", job_ids, state.utils().complete_jobs(job_ids))
+
+    def act(connection: Connection, ids: list[int]) -> Iterable[int]:
+        utils = state.utils().using(connection, savepoint=True)
+        return [job.id for job in utils.complete_jobs(ids)]
+
+    _act_on_jobs(state, "completed", job_ids, act)
 
 
 @main.command()
-@click.argument("job_ids", nargs=-1, required=True, type=int)
+@click.argument("job_ids", nargs=-1, required=True, type=JOB_ID)
 @click.option("--reason", help="Stored as last_error.")
 @_pass_state
 def fail(state: _State, job_ids: tuple[int, ...], reason: str | None) -> None:
     """Fail jobs permanently; locked jobs are skipped."""
-    _ids_result(state, "failed", job_ids, state.utils().permanently_fail_jobs(job_ids, reason))
+
+    def act(connection: Connection, ids: list[int]) -> Iterable[int]:
+        utils = state.utils().using(connection, savepoint=True)
+        return [job.id for job in utils.permanently_fail_jobs(ids, reason)]
+
+    _act_on_jobs(state, "failed", job_ids, act)
 
 
 @main.command()
-@click.argument("job_ids", nargs=-1, required=True, type=int)
-@click.option("--run-at", type=TIME, help="RFC 3339 time or 'now'.")
-@click.option("--now", "run_now", is_flag=True, help="Run as soon as possible.")
+@click.argument("job_ids", nargs=-1, required=True, type=JOB_ID)
+@click.option("--run-at", type=TIME, help="Run at this RFC 3339 time ('now': this machine's).")
+@click.option("--now", "run_now", is_flag=True, help="Run now, by the database's clock.")
 @click.option("--priority", type=int)
 @click.option("--attempts", type=click.IntRange(min=0))
 @click.option("--max-attempts", type=click.IntRange(min=1))
@@ -529,23 +803,41 @@ def reschedule(
     attempts: int | None,
     max_attempts: int | None,
 ) -> None:
-    """Change run time, priority or attempts of jobs (runnable now unless --run-at)."""
+    """Change the run time, priority or attempts of jobs; locked jobs are skipped.
+
+    Without --run-at or --now the run time is kept.
+    """
     if run_at is not None and run_now:
         raise click.UsageError("give --run-at or --now, not both")
-    options = RescheduleJobOptions(
-        run_at=run_at, priority=priority, attempts=attempts, max_attempts=max_attempts
-    )
-    _ids_result(state, "rescheduled", job_ids, state.utils().reschedule_jobs(job_ids, options))
+    if run_at is None and not run_now and (priority, attempts, max_attempts) == (None,) * 3:
+        raise click.UsageError(
+            "nothing to change: give --run-at, --now, --priority, --attempts or --max-attempts"
+        )
+    functions = worker_functions(state.schema)
+
+    def act(connection: Connection, ids: list[int]) -> Iterable[int]:
+        # The schema's function keeps each job's run_at when given NULL.
+        call = functions.reschedule_jobs(
+            ids,
+            run_at=func.now() if run_now else run_at,
+            priority=priority,
+            attempts=attempts,
+            max_attempts=max_attempts,
+        )
+        rows = functions.rows_of(call)
+        return list(connection.scalars(select(rows.c.id)))
+
+    _act_on_jobs(state, "rescheduled", job_ids, act)
 
 
 @main.command()
-@click.argument("job_key")
+@click.argument("job_key", type=NAME)
 @_pass_state
 def remove(state: _State, job_key: str) -> None:
     """Remove the job with JOB_KEY (a running one just stops retrying)."""
     job = state.utils().remove_job(job_key)
     if job is None:
-        _fail(state, f"no job with key {job_key!r}")
+        raise _Failure(f"no job with key {job_key!r}", "not_found", missing=[job_key])
     how = "stopped retrying (it is running)" if job.locked_at else "removed"
     _emit(state, {"job": job, "removed": job.locked_at is None}, f"Job {job.id} {how}.")
 
@@ -577,23 +869,44 @@ def cleanup(state: _State, tasks: tuple[str, ...]) -> None:
 
 
 @main.command("force-unlock")
-@click.argument("worker_ids", nargs=-1, required=True)
+@click.argument("worker_ids", nargs=-1, required=True, type=NAME)
 @_pass_state
 def force_unlock(state: _State, worker_ids: tuple[str, ...]) -> None:
     """Release every job and queue lock of WORKER_IDS.
 
     Only for workers known to be dead: a live worker's job would run twice at once.
+    Every worker id must hold a lock; if one holds none, nothing is released.
     """
-    state.utils().force_unlock_workers(worker_ids)
+    ids = list(dict.fromkeys(worker_ids))
+    schema = worker_schema(state.schema)
+    with _translated(state.schema), state.engine().begin() as connection:
+        # Counted under row locks, so the counts are exactly what is released below.
+        held_jobs, held_queues = (
+            Counter(
+                connection.scalars(
+                    select(table.c.locked_by).where(table.c.locked_by.in_(ids)).with_for_update()
+                )
+            )
+            for table in (schema.private_jobs, schema.private_job_queues)
+        )
+        missing = [w for w in ids if not held_jobs[w] and not held_queues[w]]
+        if missing:
+            names = ", ".join(map(repr, missing))
+            which = f"worker id {names} holds" if len(missing) == 1 else f"worker ids {names} hold"
+            raise _Failure(f"{which} no lock; nothing was released", "not_found", missing=missing)
+        state.utils().using(connection, savepoint=True).force_unlock_workers(ids)
+    jobs, queues = sum(held_jobs.values()), sum(held_queues.values())
     _emit(
         state,
-        {"unlocked_worker_ids": list(worker_ids)},
-        f"Released the locks of {len(worker_ids)} worker id(s).",
+        {"unlocked_worker_ids": ids, "released_job_locks": jobs, "released_queue_locks": queues},
+        f"Released {jobs} job lock(s) and {queues} queue lock(s) of {len(ids)} worker id(s).",
     )
 
 
 @main.command("sweep-stale-workers")
-@click.option("--sweep-threshold", type=DURATION, help="Heartbeat age of a dead worker (5m).")
+@click.option(
+    "--sweep-threshold", type=POSITIVE_DURATION, help="Heartbeat age of a dead worker (5m)."
+)
 @click.option("--recovery-delay", type=DURATION, help="Wait before recovered jobs run (30s).")
 @click.option("--dry-run", is_flag=True, help="Report what would be recovered; change nothing.")
 @_pass_state
@@ -711,7 +1024,20 @@ def stats(state: _State) -> None:
     help="Crontab file in Node graphile-worker's format.",
 )
 @click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--poll-interval", type=DURATION, default="2s", show_default=True)
+@click.option("--poll-interval", type=POSITIVE_DURATION, default="2s", show_default=True)
+@click.option(
+    "--forbidden-flag",
+    "forbidden_flags",
+    type=NAME,
+    multiple=True,
+    help="Leave the jobs carrying this flag alone (repeatable).",
+)
+@click.option(
+    "--listen/--no-listen",
+    default=True,
+    show_default=True,
+    help="LISTEN for new jobs and migrations; with --no-listen, only poll.",
+)
 @click.option(
     "--local-queue-size",
     type=click.IntRange(min=0),
@@ -722,6 +1048,12 @@ def stats(state: _State) -> None:
     type=DURATION,
     help="Collect completions/failures this long before writing them (default 0).",
 )
+@click.option(
+    "--shutdown-grace-period",
+    type=DURATION,
+    help="After SIGINT/SIGTERM, how long running jobs may finish before they are cancelled "
+    "and failed (5s).",
+)
 @click.option("--once", is_flag=True, help="Run until no job is runnable, then exit.")
 @click.option(
     "--recovery/--no-recovery",
@@ -731,10 +1063,10 @@ def stats(state: _State) -> None:
 )
 @click.option(
     "--statement-timeout",
-    type=DURATION,
+    type=POSITIVE_DURATION,
     help="Time limit of each worker statement; past it the link is cut and retried (30s).",
 )
-@click.option("--progress-interval", type=DURATION, default="5s", show_default=True)
+@click.option("--progress-interval", type=POSITIVE_DURATION, default="5s", show_default=True)
 @_pass_state
 def run(
     state: _State,
@@ -742,31 +1074,41 @@ def run(
     crontab: Path | None,
     concurrency: int,
     poll_interval: timedelta,
+    forbidden_flags: tuple[str, ...],
+    listen: bool,
     local_queue_size: int | None,
     complete_batch_delay: timedelta | None,
+    shutdown_grace_period: timedelta | None,
     once: bool,
     recovery: bool | None,
     statement_timeout: timedelta | None,
     progress_interval: timedelta,
 ) -> None:
-    """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully)."""
-    import logging
-    import sys as _sys
+    """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully).
 
+    It prints a summary when it stops; an error (such as an unreachable database) gives
+    the error line alone.
+    """
     from .cron import CrontabError
     from .hooks import Hooks
     from .progress import Progress
     from .worker import Worker
+    from .worker.tasks import TaskRegistry
 
-    if str(Path.cwd()) not in _sys.path:
+    url = state.url()
+    if str(Path.cwd()) not in sys.path:
         # Task modules are usually the application's own, next to where it is run.
-        _sys.path.insert(0, str(Path.cwd()))
+        sys.path.insert(0, str(Path.cwd()))
     handlers = load_tasks(tasks_spec)
-    logging.basicConfig(
-        level=logging.DEBUG if state.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=_sys.stderr,
+    try:
+        TaskRegistry.build(handlers)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--tasks") from None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", url_secrets(url))
     )
+    logging.basicConfig(level=logging.DEBUG if state.verbose else logging.INFO, handlers=[handler])
     progress = Progress(interval=progress_interval.total_seconds())
     hooks = progress.attach(Hooks())
     options: dict[str, Any] = {}
@@ -778,13 +1120,17 @@ def run(
         options["recovery"] = WorkerRecoveryConfig(enabled=recovery)
     if statement_timeout is not None:
         options["statement_timeout"] = statement_timeout.total_seconds()
+    if shutdown_grace_period is not None:
+        options["shutdown_grace_period"] = shutdown_grace_period.total_seconds()
     try:
         worker = Worker(
-            state.url(),
+            url,
             handlers,
             schema=state.schema,
             concurrency=concurrency,
             poll_interval=poll_interval.total_seconds(),
+            forbidden_flags=list(forbidden_flags) or None,
+            listen=listen,
             hooks=hooks,
             crontab=crontab,
             **options,
@@ -794,9 +1140,12 @@ def run(
     progress.start()
     try:
         worker.run_once() if once else worker.run()
+    except BaseException:
+        progress.stop(summary=False)  # the error is the whole report
+        raise
     finally:
-        progress.stop()
         worker.close()
+    progress.stop()
     _emit(
         state,
         {
@@ -811,10 +1160,10 @@ def run(
 @main.command()
 @click.option(
     "--timeout",
-    type=DURATION,
+    type=POSITIVE_DURATION,
     default="60s",
     show_default=True,
-    help="Give up if the jobs are not done by then.",
+    help="Give up if the jobs are not done by then (counted from the worker's start).",
 )
 @_pass_state
 def demo(state: _State, timeout: timedelta) -> None:
@@ -823,23 +1172,28 @@ def demo(state: _State, timeout: timedelta) -> None:
     Migrates, writes orders and enqueues their jobs in one transaction (and rolls back
     another), runs a worker until the jobs are done (one fails once and is retried),
     and prints progress and a table of what ran. Uses --database-url / DATABASE_URL
-    when given, else an embedded PostgreSQL (pip install 'sqla-graphile[demo]').
+    when given, else an embedded PostgreSQL (pip install 'sqla-graphile[demo]'). On a
+    given database it removes what it created afterwards, even when it fails.
     """
     from .demo import DemoError, run_demo
 
+    url = state.url() if state.database_url else None
     try:
         result = run_demo(
-            state.database_url,
+            url,
             schema=state.schema,
             out=sys.stderr if state.as_json else sys.stdout,
             timeout=timeout.total_seconds(),
         )
     except DemoError as exc:
-        _fail(state, str(exc), exc)
+        raise _Failure(str(exc)) from exc
     if state.as_json:
         click.echo(json.dumps(_to_jsonable(result), ensure_ascii=False))
     if not result.ok:
-        _fail(state, "the demo's jobs did not all complete")
+        raise _Failure(
+            f"the demo's jobs did not all complete within {timeout.total_seconds():g} s "
+            f"({result.jobs_left} left)"
+        )
 
 
 def load_tasks(spec: str) -> list[Any]:
@@ -847,17 +1201,19 @@ def load_tasks(spec: str) -> list[Any]:
 
     A module contributes its ``tasks`` list if it has one, else every ``TaskHandler`` /
     ``BatchTaskHandler`` subclass and ``@task`` function defined in it; an attribute may
-    be one handler or a list of them.
+    be one handler or a list of them. A module that cannot be imported (whatever it
+    raises) is a usage error of ``--tasks``.
     """
     from .tasks import BatchTaskHandler, FunctionTask, TaskHandler
 
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # the application's module: any error of it is the user's
+        detail = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
         raise click.BadParameter(
-            f"cannot import {module_name!r}: {exc}", param_hint="--tasks"
-        ) from None
+            f"cannot import {module_name!r}: {detail}", param_hint="--tasks"
+        ) from exc
     if attribute:
         try:
             found = getattr(module, attribute)

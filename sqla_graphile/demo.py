@@ -14,8 +14,10 @@ else it starts an embedded PostgreSQL in a temporary directory (the ``demo`` ext
    progress (jobs done, failed, rate);
 5. prints what ran, and the orders as the jobs left them.
 
-The business table is ``sqla_graphile_demo_orders`` in the connection's default schema;
-it is created if missing and kept (each run's rows carry their own ``run_id``).
+The business table is ``sqla_graphile_demo_orders`` in the connection's default schema.
+On a database that was given, the demo removes what it created when it ends, whether it
+succeeded or failed midway: the table and the worker schema if it created them, else its
+own rows and jobs (and its task identifiers) in them.
 """
 
 from __future__ import annotations
@@ -28,12 +30,25 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, TextIO
 
-from sqlalchemy import DateTime, Engine, Integer, MetaData, String, func, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    delete,
+    exists,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ._urls import engine_from_url, redact_url
@@ -41,7 +56,7 @@ from .context import WorkerContext
 from .hooks import Hooks, JobCompleteEvent, JobFailEvent
 from .migrations import migrate
 from .progress import Progress
-from .schema import DEFAULT_SCHEMA, worker_schema
+from .schema import DEFAULT_SCHEMA, quote_schema, worker_schema
 from .specs import JobSpec, RescheduleJobOptions
 from .tasks import FunctionTask, TaskHandler, task
 from .utils import WorkerUtils
@@ -104,13 +119,15 @@ class DemoResult:
     ran: list[_Ran] = field(default_factory=list)
     jobs_left: int = 0
     ok: bool = False
+    removed: list[str] = field(default_factory=list)
+    """What the demo removed afterwards (what it had created)."""
 
 
 @contextlib.contextmanager
-def _database(url: str | None, out: TextIO) -> Iterator[tuple[str, str]]:
-    """Yield ``(url, description)``: the given URL, or an embedded PostgreSQL's."""
+def _database(url: str | None, out: TextIO) -> Iterator[tuple[str, str, bool]]:
+    """Yield ``(url, description, temporary)``: the given URL, or an embedded PostgreSQL's."""
     if url:
-        yield url, redact_url(url)
+        yield url, redact_url(url), False
         return
     try:
         with warnings.catch_warnings():
@@ -127,7 +144,7 @@ def _database(url: str | None, out: TextIO) -> Iterator[tuple[str, str]]:
             warnings.simplefilter("ignore")
             server = get_server(pgdata, cleanup_mode="stop")
         try:
-            yield server.get_uri(), "embedded PostgreSQL (temporary, removed afterwards)"
+            yield server.get_uri(), "embedded PostgreSQL (temporary, removed afterwards)", True
         finally:
             server.cleanup()
 
@@ -178,35 +195,106 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo, narrating on ``out`` (stdout); see the module's documentation."""
     out = out if out is not None else sys.stdout
-    with _database(database_url, out) as (url, description):
+    with _database(database_url, out) as (url, description, temporary):
         engine = engine_from_url(url)
         try:
-            return _run(engine, description, schema, out, timeout)
+            result = DemoResult(database=description, schema=schema, run_id=secrets.token_hex(4))
+            if temporary:  # the whole database goes away with it
+                return _run(engine, result, out, timeout)
+            leftovers = _Leftovers.survey(engine, schema)
+            try:
+                return _run(engine, result, out, timeout)
+            finally:
+                leftovers.remove(engine, result, out)
         finally:
             engine.dispose()
+
+
+_TASKS = (EMAIL_TASK, WAREHOUSE_TASK, INVENTORY_TASK)
+
+
+@dataclass
+class _Leftovers:
+    """What existed before the demo, so that it removes exactly what it made."""
+
+    schema: str
+    schema_existed: bool
+    table_existed: bool
+
+    @classmethod
+    def survey(cls, engine: Engine, schema: str) -> _Leftovers:
+        with engine.connect() as connection:
+            schema_existed = connection.scalar(
+                text("select exists (select 1 from pg_namespace where nspname = :s)"),
+                {"s": schema},
+            )
+            table = connection.scalar(select(func.to_regclass(DemoOrder.__tablename__)))
+        return cls(schema, bool(schema_existed), table is not None)
+
+    def remove(self, engine: Engine, result: DemoResult, out: TextIO) -> None:
+        """Drop what the demo created; each step on its own, so one failure stops none."""
+        table = DemoOrder.__tablename__
+        steps: list[tuple[str, Callable[[Connection, DemoResult], None]]] = []
+        if not self.table_existed:
+            steps.append((f"the table {table}", self._drop_table))
+        elif result.order_ids:  # its orders were committed
+            steps.append((f"this run's rows of {table}", self._delete_rows))
+        if not self.schema_existed:
+            steps.append((f"the worker schema {self.schema!r}", self._drop_schema))
+        elif result.job_ids:  # its jobs were committed
+            steps.append((f"the demo's jobs in {self.schema!r}", self._delete_jobs))
+        for what, step in steps:
+            try:
+                with engine.begin() as connection:
+                    step(connection, result)
+            except Exception as exc:  # the demo's own error, if any, stays the one raised
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                _say(out, f"Could not remove {what}: {reason}")
+            else:
+                result.removed.append(what)
+        _say(out, f"Removed what the demo created: {'; '.join(result.removed) or 'nothing'}.")
+
+    @staticmethod
+    def _drop_table(connection: Connection, result: DemoResult) -> None:
+        _Base.metadata.drop_all(connection)
+
+    @staticmethod
+    def _delete_rows(connection: Connection, result: DemoResult) -> None:
+        connection.execute(delete(DemoOrder).where(DemoOrder.run_id == result.run_id))
+
+    def _drop_schema(self, connection: Connection, result: DemoResult) -> None:
+        connection.execute(text(f"drop schema if exists {quote_schema(self.schema)} cascade"))
+
+    def _delete_jobs(self, connection: Connection, result: DemoResult) -> None:
+        tables = worker_schema(self.schema)
+        jobs, tasks = tables.private_jobs, tables.private_tasks
+        connection.execute(delete(jobs).where(jobs.c.id.in_(result.job_ids)))
+        # The demo's task identifiers, unless jobs (of another run) still use them.
+        connection.execute(
+            delete(tasks).where(
+                tasks.c.identifier.in_(_TASKS), ~exists().where(jobs.c.task_id == tasks.c.id)
+            )
+        )
 
 
 def _say(out: TextIO, text: str = "") -> None:
     print(text, file=out, flush=True)
 
 
-def _run(engine: Engine, description: str, schema: str, out: TextIO, timeout: float) -> DemoResult:
+def _run(engine: Engine, result: DemoResult, out: TextIO, timeout: float) -> DemoResult:
     # The demo narrates failures itself; the worker's own warnings would repeat them.
     worker_logger = logging.getLogger("sqla_graphile.worker")
     level = worker_logger.level
     worker_logger.setLevel(logging.ERROR)
     try:
-        return _steps(engine, description, schema, out, timeout)
+        return _steps(engine, result, out, timeout)
     finally:
         worker_logger.setLevel(level)
 
 
-def _steps(
-    engine: Engine, description: str, schema: str, out: TextIO, timeout: float
-) -> DemoResult:
-    run_id = secrets.token_hex(4)
-    result = DemoResult(database=description, schema=schema, run_id=run_id)
-    _say(out, f"Database: {description}")
+def _steps(engine: Engine, result: DemoResult, out: TextIO, timeout: float) -> DemoResult:
+    run_id, schema = result.run_id, result.schema
+    _say(out, f"Database: {result.database}")
 
     # 1. The worker schema (Node graphile-worker 0.18's), and the demo's business table.
     migrate(engine, schema=schema)
@@ -346,10 +434,11 @@ def _steps(
         result.permanently_failed += 1
         finish(event.job.id)
 
+    # Counted from the worker's start: a shutdown asked before it runs would be lost.
     timer = threading.Timer(timeout, worker.request_shutdown)
     timer.daemon = True
+    hooks.on("worker_start")(lambda _event: timer.start())
     progress.start()
-    timer.start()
     try:
         worker.run()
     finally:

@@ -76,9 +76,10 @@ class Progress:
         self._thread = threading.Thread(target=loop, name="sqla_graphile-progress", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop reporting and print the summary."""
+    def stop(self, *, summary: bool = True) -> None:
+        """Stop reporting and print the summary (unless ``summary`` is false)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        print(f"summary: {self.line()}", file=self.stream, flush=True)
+        if summary:
+            print(f"summary: {self.line()}", file=self.stream, flush=True)

@@ -98,6 +98,19 @@ def runtime_error(result: Result, *fragments: str) -> str:
     return lines[0]
 
 
+def json_error(result: Result, kind: str, *fragments: str, exit_code: int = 1) -> dict[str, Any]:
+    """With --json: the exit status unchanged, one JSON object on stderr, no stdout."""
+    assert result.exit_code == exit_code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    data: dict[str, Any] = json.loads(lines[0])
+    assert data["type"] == kind, data
+    for fragment in fragments:
+        assert fragment in data["error"], data
+    return data
+
+
 def parse_table(block: str, headers: Sequence[str]) -> list[dict[str, str]]:
     """Read an aligned table: every cell starts under its header, after a space."""
     header, *lines = block.splitlines()
@@ -251,10 +264,22 @@ def test_migrate_creates_the_schema_then_reports_in_json(
 ) -> None:
     cli = Cli(database_url, schema_name)
     out = cli.ok("migrate")
-    assert out.strip() == f"Schema {schema_name!r} is up to date."
+    assert out.strip() == (
+        f"Migrated schema {schema_name!r}: Graphile Worker migration none -> 20; "
+        "revisions applied: graphile_worker_0001, graphile_worker_0002."
+    )
     ledger = sql(engine, "select max(id) as top, count(*) as n from {s}.migrations", schema_name)
     assert ledger == [{"top": 20, "n": 20}]
-    assert cli.json("migrate") == {"migrated": True, "schema": schema_name}
+    assert cli.json("migrate") == {
+        "schema": schema_name,
+        "migrated": False,
+        "from_migration": 20,
+        "to_migration": 20,
+        "revisions_applied": [],
+    }
+    assert cli.ok("migrate").strip() == (
+        f"Schema {schema_name!r} is up to date (Graphile Worker migration 20); nothing to apply."
+    )
     assert sql(engine, "select count(*) as n from {s}.migrations", schema_name) == [{"n": 20}]
 
 
@@ -266,7 +291,13 @@ def test_migrate_reads_the_schema_from_the_environment(
         env={"DATABASE_URL": database_url, "GRAPHILE_WORKER_SCHEMA": schema_name},
     )
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout) == {"migrated": True, "schema": schema_name}
+    assert json.loads(result.stdout) == {
+        "schema": schema_name,
+        "migrated": True,
+        "from_migration": None,
+        "to_migration": 20,
+        "revisions_applied": ["graphile_worker_0001", "graphile_worker_0002"],
+    }
     assert sql(engine, "select count(*) as n from {s}.migrations", schema_name) == [{"n": 20}]
 
 
@@ -527,9 +558,10 @@ def test_show_json_matches_the_database(cli: Cli, engine: Engine, schema: str) -
     assert datetime.fromisoformat(data["created_at"]) == row["created_at"]
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_show_missing_job(cli: Cli, as_json: bool) -> None:
-    runtime_error(cli("show", "999999", as_json=as_json), "no job with id 999999")
+def test_show_missing_job(cli: Cli) -> None:
+    runtime_error(cli("show", "999999"), "no job with id 999999")
+    data = json_error(cli("show", "999999", as_json=True), "not_found", "no job with id 999999")
+    assert data["missing"] == [999999]
 
 
 def test_show_needs_an_integer_id(cli: Cli) -> None:
@@ -543,10 +575,10 @@ def test_complete_human_skips_locked_jobs(cli: Cli, engine: Engine, schema: str)
     first, second, locked = add(cli, "a"), add(cli, "a"), add(cli, "a")
     other = add(cli, "a")
     lock(engine, schema, locked, "w")
-    out = cli.ok("complete", str(first), str(second), str(locked), "424242")
+    out = cli.ok("complete", str(first), str(second), str(locked))
     assert out.splitlines() == [
         f"Completed 2 job(s): {first}, {second}.",
-        f"Skipped (locked or missing): {locked}, 424242.",
+        f"Skipped (locked by a worker): {locked}.",
     ]
     remaining = sql(engine, "select id from {s}._private_jobs order by id", schema)
     assert [row["id"] for row in remaining] == [locked, other]
@@ -754,7 +786,7 @@ def test_force_unlock_releases_exactly_those_workers(cli: Cli, engine: Engine, s
         schema,
     )
     out = cli.ok("force-unlock", "dead-1", "dead-2")
-    assert out.strip() == "Released the locks of 2 worker id(s)."
+    assert out.strip() == "Released 2 job lock(s) and 1 queue lock(s) of 2 worker id(s)."
     holders = {
         r["id"]: r["locked_by"]
         for r in sql(engine, "select id, locked_by from {s}._private_jobs", schema)
@@ -770,8 +802,10 @@ def test_force_unlock_releases_exactly_those_workers(cli: Cli, engine: Engine, s
 def test_force_unlock_json(cli: Cli, engine: Engine, schema: str) -> None:
     job_id = add(cli, "t")
     lock(engine, schema, job_id, "gone")
-    assert cli.json("force-unlock", "gone", "never-seen") == {
-        "unlocked_worker_ids": ["gone", "never-seen"]
+    assert cli.json("force-unlock", "gone") == {
+        "unlocked_worker_ids": ["gone"],
+        "released_job_locks": 1,
+        "released_queue_locks": 0,
     }
     row = job_row(engine, schema, job_id)
     assert row is not None and (row["locked_by"], row["locked_at"]) == (None, None)
@@ -1010,7 +1044,8 @@ COMMANDS_NEEDING_THE_SCHEMA = [
 def test_unmigrated_schema(database_url: str, schema_name: str, args: list[str]) -> None:
     cli = Cli(database_url, schema_name)
     runtime_error(cli(*args), "schema not migrated", repr(schema_name))
-    runtime_error(cli(*args, as_json=True), "schema not migrated")
+    data = json_error(cli(*args, as_json=True), "error", "schema not migrated")
+    assert data["exception"] == "SchemaNotMigrated"
 
 
 @pytest.fixture
@@ -1027,7 +1062,7 @@ def test_unreachable_database(unreachable_url: str) -> None:
 
 
 def test_unreachable_database_verbose_shows_a_redacted_traceback(unreachable_url: str) -> None:
-    result = invoke(["--database-url", unreachable_url, "--verbose", "--json", "stats"])
+    result = invoke(["--database-url", unreachable_url, "--verbose", "stats"])
     assert result.exit_code == 1
     assert result.stdout == ""
     assert "Traceback (most recent call last)" in result.stderr
@@ -1044,9 +1079,10 @@ def test_database_url_from_the_environment(cli: Cli) -> None:
     assert [job["id"] for job in json.loads(result.stdout)] == [job_id]
 
 
-@pytest.mark.parametrize("args", [["list"], ["--json", "stats"], ["migrate"]])
+@pytest.mark.parametrize("args", [["list"], ["stats"], ["migrate"]])
 def test_no_database_url_at_all(args: list[str]) -> None:
     usage_error(invoke(args), "--database-url", "DATABASE_URL")
+    json_error(invoke(["--json", *args]), "usage", "DATABASE_URL", exit_code=2)
 
 
 def test_database_url_that_is_not_a_url() -> None:
