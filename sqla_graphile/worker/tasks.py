@@ -56,7 +56,7 @@ def _task_handler(cls: type[TaskHandler]) -> WorkerTask:
         return cls.from_payload(_without_cron(payload))
 
     def invoke(payload: Any, ctx: WorkerContext) -> Any:
-        return cls.from_payload(_without_cron(payload)).run(ctx)
+        return decode(payload).run(ctx)
 
     is_async = inspect.iscoroutinefunction(cls.run)
     return WorkerTask(identifier_of(cls), invoke, is_async, False, decode)
@@ -75,7 +75,7 @@ def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
         return fn.decode(_without_cron(payload))
 
     def invoke(payload: Any, ctx: WorkerContext) -> Any:
-        return fn.fn(fn.decode(_without_cron(payload)), ctx)
+        return fn.fn(decode(payload), ctx)
 
     return WorkerTask(fn.IDENTIFIER, invoke, is_async, False, decode)
 
