@@ -8,13 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..context import WorkerContext
+from ..errors import BatchJobError, InvalidArgument, InvalidArgumentType
 from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of
 
 __all__ = ["BatchFailure", "BatchJobError", "TaskRegistry", "WorkerTask", "batch_outcome"]
-
-
-class BatchJobError(Exception):
-    """A batch job could not be run or its handler's answer is unusable."""
 
 
 @dataclass(frozen=True)
@@ -86,19 +83,19 @@ class TaskRegistry(dict[str, WorkerTask]):
             elif isinstance(handler, type) and issubclass(handler, TaskHandler):
                 entry = _task_handler(handler)
             else:
-                raise TypeError(
+                raise InvalidArgumentType(
                     f"{handler!r} is not a task: pass TaskHandler or BatchTaskHandler "
                     "subclasses, or functions decorated with @task"
                 )
             if entry.identifier in registry:
-                raise ValueError(f"two tasks share the identifier {entry.identifier!r}")
+                raise InvalidArgument(f"two tasks share the identifier {entry.identifier!r}")
             if len(entry.identifier) > 128:
-                raise ValueError(
+                raise InvalidArgument(
                     f"task identifier {entry.identifier[:20]!r}… is longer than 128 characters"
                 )
             registry[entry.identifier] = entry
         if not registry:
-            raise ValueError("a worker needs at least one task")
+            raise InvalidArgument("a worker needs at least one task")
         return registry
 
 
