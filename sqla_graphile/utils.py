@@ -432,13 +432,14 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def migrate(self) -> None:
         """See :meth:`WorkerUtils.migrate`."""
-        from .migrations import migrate
+        from .migrations import migration_lock, run_migrations
 
         bind = self.bind
         schema = self.schema
-        if isinstance(bind, AsyncEngine):
-            async with bind.connect() as connection:
-                await connection.run_sync(lambda sync: migrate(sync, schema=schema))
-            return
-        connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
-        await connection.run_sync(lambda sync: migrate(sync, schema=schema))
+        async with migration_lock.held_async():
+            if isinstance(bind, AsyncEngine):
+                async with bind.connect() as connection:
+                    await connection.run_sync(lambda sync: run_migrations(sync, schema))
+                return
+            connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
+            await connection.run_sync(lambda sync: run_migrations(sync, schema))
