@@ -3,19 +3,39 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .admin import JobState, LockHolder, QueueStats, WorkerStats
 from .context import CancellationSignal, WorkerContext
-from .cron import Cron, CronScheduler, CrontabError, load_crontab, parse_crontab
+from .cron import Cron, CronScheduler, load_crontab, parse_crontab
 from .errors import (
+    BatchJobError,
+    CrontabError,
     DatabaseNewerThanLibrary,
+    DuplicateJobKeyInBatch,
+    EventLoopAlreadyRunning,
     GraphileWorkerError,
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidCharacter,
+    InvalidHookResult,
+    InvalidJobKey,
     InvalidJobKeyMode,
+    InvalidJobSpec,
+    InvalidMaxAttempts,
     InvalidSchemaName,
+    JobKeyLocked,
     JobScheduleFailed,
     JobScheduleSkipped,
+    LedgerTooOld,
     MigrationError,
     NotSchemaOwner,
     PayloadNotSerializable,
+    QueueNameTooLong,
     SchemaNotMigrated,
+    TaskIdentifierTooLong,
+    UnsupportedPostgresVersion,
+    UsageError,
+    ValueOutOfRange,
+    WorkerAlreadyRunning,
 )
 from .hooks import (
     AfterJobRunContext,
@@ -37,7 +57,7 @@ from .hooks import (
 from .job import Job
 from .migrations import migrate
 from .recovery import ActiveWorker, SweepResult, SweepStaleWorkersOptions, WorkerRecoveryConfig
-from .schema import DEFAULT_SCHEMA, WorkerSchema, worker_schema
+from .schema import DEFAULT_SCHEMA, JobSpecType, WorkerSchema, worker_schema
 from .specs import CleanupTask, JobKeyMode, JobSpec, RawJobSpec, RescheduleJobOptions
 from .tasks import BatchTaskHandler, FunctionTask, TaskHandler, task
 from .utils import AsyncWorkerUtils, WorkerUtils
@@ -48,6 +68,7 @@ __all__ = [
     "ActiveWorker",
     "AfterJobRunContext",
     "AsyncWorkerUtils",
+    "BatchJobError",
     "BatchTaskHandler",
     "BeforeJobRunContext",
     "BeforeJobScheduleContext",
@@ -58,24 +79,40 @@ __all__ = [
     "CronScheduler",
     "CrontabError",
     "DatabaseNewerThanLibrary",
+    "DuplicateJobKeyInBatch",
+    "EventLoopAlreadyRunning",
     "Fail",
     "FunctionTask",
     "GraphileWorkerError",
     "Hooks",
+    "InvalidArgument",
+    "InvalidArgumentType",
+    "InvalidCharacter",
+    "InvalidHookResult",
+    "InvalidJobKey",
     "InvalidJobKeyMode",
+    "InvalidJobSpec",
+    "InvalidMaxAttempts",
     "InvalidSchemaName",
     "Job",
     "JobCompleteEvent",
     "JobEvent",
     "JobFailEvent",
+    "JobKeyLocked",
     "JobKeyMode",
     "JobLockLostEvent",
     "JobScheduleFailed",
     "JobScheduleSkipped",
     "JobSpec",
+    "JobSpecType",
+    "JobState",
+    "LedgerTooOld",
+    "LockHolder",
     "MigrationError",
     "NotSchemaOwner",
     "PayloadNotSerializable",
+    "QueueNameTooLong",
+    "QueueStats",
     "RawJobSpec",
     "RescheduleJobOptions",
     "SchemaNotMigrated",
@@ -83,13 +120,19 @@ __all__ = [
     "SweepResult",
     "SweepStaleWorkersOptions",
     "TaskHandler",
+    "TaskIdentifierTooLong",
+    "UnsupportedPostgresVersion",
+    "UsageError",
+    "ValueOutOfRange",
     "Worker",
+    "WorkerAlreadyRunning",
     "WorkerContext",
     "WorkerFenceEvent",
     "WorkerRecoveredEvent",
     "WorkerRecoveryConfig",
     "WorkerSchema",
     "WorkerStartEvent",
+    "WorkerStats",
     "WorkerStopEvent",
     "WorkerUtils",
     "__version__",
