@@ -5,11 +5,8 @@ Like :mod:`sqla_graphile._ops` these are generators driven by either utils twin.
 
 from __future__ import annotations
 
-import enum
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -24,60 +21,23 @@ from sqlalchemy import (
 )
 
 from ._ops import Op
+from .admin import JobState, LockHolder, QueueStats, WorkerStats
+from .errors import InvalidArgument
 from .job import Job
 from .recovery import registry_table
 from .schema import worker_schema
 
-__all__ = ["JobState", "LockHolder", "QueueStats", "WorkerStats"]
-
-
-class JobState(str, enum.Enum):
-    """A job's state as operators see it."""
-
-    READY = "ready"
-    """Unlocked, attempts left, due now."""
-    SCHEDULED = "scheduled"
-    """Unlocked, attempts left, due later (including retries waiting out their backoff)."""
-    LOCKED = "locked"
-    """Held by a worker (running, or its worker died)."""
-    FAILED = "failed"
-    """Permanently failed: no attempts left."""
-    ALL = "all"
-
-
-@dataclass(frozen=True)
-class LockHolder:
-    """A ``locked_by`` value seen on jobs or queues, and whether it heartbeats."""
-
-    worker_id: str
-    locked_jobs: int
-    locked_queues: int
-    oldest_lock_at: datetime
-    registered: bool
-    last_heartbeat_at: datetime | None
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """One named queue: its jobs, and who holds it."""
-
-    queue_name: str
-    jobs: int
-    locked_by: str | None
-    locked_at: datetime | None
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    """Counts of jobs by state, per queue, and the age of the oldest ready job."""
-
-    ready: int
-    scheduled: int
-    locked: int
-    failed: int
-    total: int
-    oldest_ready_age: timedelta | None
-    queues: list[QueueStats]
+# The public types live in sqla_graphile.admin; they are re-exported for older imports.
+__all__ = [
+    "JobState",
+    "LockHolder",
+    "QueueStats",
+    "WorkerStats",
+    "get_job_op",
+    "list_jobs_op",
+    "lock_holders_op",
+    "stats_op",
+]
 
 
 class _AdminStatements:
@@ -187,11 +147,15 @@ def list_jobs_op(
 ) -> Op[list[Job]]:
     """Jobs in a state, optionally of one task or queue, by priority then run time."""
     sql = _statements(schema)
-    state = JobState(state)
+    try:
+        state = JobState(state)
+    except ValueError:
+        known = ", ".join(repr(s.value) for s in JobState)
+        raise InvalidArgument(f"unknown job state {state!r}; expected one of {known}") from None
     if limit is not None and limit < 0:
-        raise ValueError("limit must not be negative")
+        raise InvalidArgument("limit must not be negative")
     if offset < 0:
-        raise ValueError("offset must not be negative")
+        raise InvalidArgument("offset must not be negative")
     query = sql.base
     condition = {
         JobState.READY: sql.is_ready,

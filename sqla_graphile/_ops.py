@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 from collections import deque
 from collections.abc import Collection, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,13 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Result
 from sqlalchemy.sql.functions import Function
 
-from .errors import GraphileWorkerError, JobScheduleFailed
+from .errors import (
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidHookResult,
+    JobKeyLocked,
+    ValueOutOfRange,
+)
 from .functions import WorkerFunctions, worker_functions
 from .hooks import Hooks
 from .job import Job
@@ -57,8 +64,11 @@ from .specs import (
     JobSpec,
     RawJobSpec,
     RescheduleJobOptions,
+    check_run_at,
 )
 from .tasks import (
+    BatchTaskHandler,
+    FunctionTask,
     batch_payload,
     encode_json_value,
     encode_json_values,
@@ -68,7 +78,16 @@ from .tasks import (
     to_json_values,
 )
 
-__all__ = ["ANALYZE_THRESHOLD", "KEY_RACE_RETRIES", "Op", "Operations", "Request"]
+__all__ = [
+    "ANALYZE_THRESHOLD",
+    "KEY_RACE_RETRIES",
+    "Op",
+    "Operations",
+    "Request",
+    "check_raw_jobs",
+    "check_spec",
+    "typed_identifier",
+]
 
 _T = TypeVar("_T")
 Request = tuple[Executable, Mapping[Any, Any]]
@@ -138,6 +157,7 @@ class _Statements:
                 max_attempts=bindparam("max_attempts", type_=Integer),
             )
         )
+        self.now = select(func.now())
         self.force_unlock_workers = select(
             fn.force_unlock_workers(bindparam("worker_ids", type_=ARRAY(Text)))
         )
@@ -361,8 +381,6 @@ class NameCache:
 
 
 def _spec_params(identifier: str, payload_json: str, spec: JobSpec) -> dict[str, Any]:
-    if not isinstance(identifier, str):
-        raise TypeError("a task identifier must be a string")
     return {
         "identifier": identifier,
         "payload": payload_json,
@@ -376,8 +394,109 @@ def _spec_params(identifier: str, payload_json: str, spec: JobSpec) -> dict[str,
     }
 
 
-def _ids(job_ids: Iterable[int]) -> list[int]:
-    return [int(job_id) for job_id in job_ids]
+# -- arguments: misuse is named, with the call that was meant ------------------------------
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def typed_identifier(task: object, method: str = "add_job") -> str:
+    """The identifier of a typed task instance given to ``method``; misuse is named.
+
+    A task instance is its job's payload, so a string (an identifier), a class, a
+    ``@task`` function or a batch item cannot stand for one: each gets
+    :class:`~sqla_graphile.errors.InvalidArgumentType` naming the call that fits.
+    """
+    if isinstance(task, str):
+        raise InvalidArgumentType(
+            f"{method} takes a task instance (a TaskHandler), not the identifier {task!r}; "
+            f"to add a job by identifier with a JSON payload use add_raw_job({task!r}, payload)"
+        )
+    if isinstance(task, FunctionTask):
+        raise InvalidArgumentType(
+            f"{method} takes a task instance; a @task function has no instance: use "
+            f"add_raw_job({task.IDENTIFIER!r}, payload)"
+        )
+    if isinstance(task, BatchTaskHandler):
+        raise InvalidArgumentType(
+            f"{type(task).__name__} is a batch task: add its items with add_batch_job([...])"
+        )
+    if isinstance(task, type):
+        raise InvalidArgumentType(
+            f"{method} takes a task instance, not the class {task.__name__}: "
+            f"{method}({task.__name__}(...))"
+        )
+    identifier = getattr(task, "IDENTIFIER", None)
+    if not isinstance(identifier, str) or not identifier:
+        raise InvalidArgumentType(
+            f"{method} takes a task instance (a TaskHandler subclass with an IDENTIFIER), "
+            f"not {_kind(task)}; for a task identifier and a JSON payload use "
+            "add_raw_job(identifier, payload)"
+        )
+    return identifier
+
+
+def check_spec(spec: object, method: str) -> JobSpec:
+    """``spec`` if it is a ``JobSpec`` (``None``: the defaults); misuse is named."""
+    if spec is None:
+        return DEFAULT_SPEC
+    if isinstance(spec, JobSpec):
+        return spec
+    hint = ""
+    if isinstance(spec, Mapping):
+        fields = ", ".join(f"{key}=..." for key in spec)
+        hint = f": write JobSpec({fields})"
+    raise InvalidArgumentType(f"{method} takes a JobSpec as its spec, not {_kind(spec)}{hint}")
+
+
+def _check_identifier(identifier: object, method: str) -> str:
+    if isinstance(identifier, str):
+        return identifier
+    if getattr(identifier, "IDENTIFIER", None) is not None:
+        raise InvalidArgumentType(
+            f"{method} takes a task identifier (a string), not {_kind(identifier)}; "
+            "for a typed task use add_job(task)"
+        )
+    raise InvalidArgumentType(
+        f"{method} takes a task identifier (a string), not {_kind(identifier)}"
+    )
+
+
+def check_raw_jobs(jobs: object) -> list[RawJobSpec]:
+    """The ``RawJobSpec`` items of ``add_raw_jobs``; misuse is named."""
+    if isinstance(jobs, (str, bytes, Mapping, RawJobSpec)) or not isinstance(jobs, Iterable):
+        raise InvalidArgumentType(f"add_raw_jobs takes a list of RawJobSpec, not {_kind(jobs)}")
+    listed = list(jobs)
+    for job in listed:
+        if not isinstance(job, RawJobSpec):
+            raise InvalidArgumentType(
+                f"add_raw_jobs takes RawJobSpec items, not {_kind(job)}: write "
+                "RawJobSpec(identifier, payload, JobSpec(...)); for typed tasks use "
+                "add_jobs([(task, spec), ...])"
+            )
+        _check_identifier(job.identifier, "RawJobSpec")
+        check_spec(job.spec, "RawJobSpec")
+    return listed
+
+
+def _iterable(value: object, what: str, method: str) -> Iterable[Any]:
+    # A string is iterable too: one worker id would become one id per character.
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidArgumentType(f"{method} takes a list of {what}, not {_kind(value)}")
+    return value
+
+
+def _ids(job_ids: object, method: str) -> list[int]:
+    ids = []
+    for job_id in _iterable(job_ids, "job ids (e.g. [job.id])", method):
+        try:
+            ids.append(operator.index(job_id))
+        except TypeError:
+            raise InvalidArgumentType(
+                f"{method} takes job ids (integers), not {_kind(job_id)}"
+            ) from None
+    return ids
 
 
 class Operations:
@@ -480,28 +599,44 @@ class Operations:
 
     # -- adding jobs --------------------------------------------------------------
 
-    def add_job(self, identifier: str, payload: Any, spec: JobSpec | None) -> Op[Job]:
-        spec = spec or DEFAULT_SPEC
+    def add_job(
+        self, identifier: str, payload: Any, spec: JobSpec | None, method: str = "add_raw_job"
+    ) -> Op[Job]:
+        _check_identifier(identifier, method)
+        spec = check_spec(spec, method)
         payload_json = self._prepare(identifier, payload, spec)
         return (yield from self._insert_one(identifier, payload_json, spec))
 
     def add_batch_job(self, items: Sequence[Any], spec: JobSpec | None) -> Op[Job]:
+        items = list(_iterable(items, "BatchTaskHandler items", "add_batch_job"))
         if not items:
-            raise JobScheduleFailed("a batch job payload must contain at least one item")
-        identifiers = {identifier_of(type(item)) for item in items}
-        if len(identifiers) != 1:
-            raise TypeError("all items of a batch job must be of one BatchTaskHandler class")
-        (identifier,) = identifiers
-        spec = spec or DEFAULT_SPEC
+            raise InvalidArgument("a batch job payload must contain at least one item")
+        classes = {type(item) for item in items}
+        for cls in classes:
+            if not issubclass(cls, BatchTaskHandler):
+                raise InvalidArgumentType(
+                    f"add_batch_job takes BatchTaskHandler items, not {cls.__name__}; "
+                    "for a single typed task use add_job(task)"
+                )
+        if len(classes) != 1:
+            names = ", ".join(sorted(cls.__name__ for cls in classes))
+            raise InvalidArgumentType(
+                f"all items of a batch job must be of one BatchTaskHandler class, not {names}"
+            )
+        identifier = identifier_of(classes.pop())
+        spec = check_spec(spec, "add_batch_job")
         payload = batch_payload(items)
         if self.hooks:
             payload = self.hooks.schedule(identifier, payload, spec)
             if not isinstance(payload, list):
-                raise JobScheduleFailed(
+                raise InvalidHookResult(
                     "a before_job_schedule hook must return a JSON array for batch jobs"
                 )
             if not payload:
-                raise JobScheduleFailed("a batch job payload must contain at least one item")
+                raise InvalidHookResult(
+                    "a before_job_schedule hook emptied a batch job: a batch job payload must "
+                    "contain at least one item"
+                )
         return (yield from self._insert_one(identifier, encode_payload(payload), spec))
 
     def _insert_one(self, identifier: str, payload_json: str, spec: JobSpec) -> Op[Job]:
@@ -548,9 +683,11 @@ class Operations:
             # Node issue #580: the keyed job was locked between add_jobs' detach step
             # and its upsert, so nothing was written. Trying again detaches it properly.
         else:
-            raise GraphileWorkerError(
+            raise JobKeyLocked(
                 f"could not add job {identifier!r} with key {spec.job_key!r}: the keyed job "
-                f"was locked by a worker in each of {KEY_RACE_RETRIES} attempts"
+                f"was locked by a worker in each of {KEY_RACE_RETRIES} attempts; nothing "
+                "was written",
+                [str(spec.job_key)],
             )
         task_hint: dict[int, str] = {}
         queue_hint: dict[int, str] = {}
@@ -570,7 +707,7 @@ class Operations:
             for mode in {job.spec.job_key_mode for job in jobs}
         }
         if JobKeyMode.UNSAFE_DEDUPE.value in modes:
-            raise JobScheduleFailed(
+            raise InvalidArgument(
                 "UNSAFE_DEDUPE job_key_mode is not supported in batch add_jobs; "
                 "add such jobs one at a time with add_job"
             )
@@ -737,9 +874,10 @@ class Operations:
             if not pending:
                 break
         else:
-            raise GraphileWorkerError(
+            raise JobKeyLocked(
                 f"could not add {len(pending)} keyed job(s): their keyed jobs were locked by "
-                f"workers in each of {KEY_RACE_RETRIES} attempts"
+                f"workers in each of {KEY_RACE_RETRIES} attempts",
+                [str(keys[i]) for i in pending],
             )
         stored = [row["payload"] for row in rows]
         for row in rows:
@@ -754,6 +892,13 @@ class Operations:
     # -- administration -----------------------------------------------------------
 
     def remove_job(self, job_key: str) -> Op[Job | None]:
+        if not isinstance(job_key, str):
+            hint = ""
+            if isinstance(job_key, int) and not isinstance(job_key, bool):
+                hint = f"; to delete the job with id {job_key} use complete_jobs([{job_key}])"
+            raise InvalidArgumentType(
+                f"remove_job takes a job key (a string), not {_kind(job_key)}{hint}"
+            )
         result = yield self.sql.remove_job, {"job_key": job_key}
         row = _one_row(result)
         if row["id"] is None:
@@ -766,37 +911,62 @@ class Operations:
         return (yield from self._jobs(_dict_rows(result)))
 
     def complete_jobs(self, ids: Iterable[int]) -> Op[list[Job]]:
-        return self._rows(self.sql.complete_jobs, {"ids": _ids(ids)})
+        return self._rows(self.sql.complete_jobs, {"ids": _ids(ids, "complete_jobs")})
 
     def permanently_fail_jobs(self, ids: Iterable[int], reason: str | None) -> Op[list[Job]]:
-        return self._rows(self.sql.permanently_fail_jobs, {"ids": _ids(ids), "reason": reason})
+        ids = _ids(ids, "permanently_fail_jobs")
+        return self._rows(self.sql.permanently_fail_jobs, {"ids": ids, "reason": reason})
 
-    def reschedule_jobs(self, ids: Iterable[int], options: RescheduleJobOptions) -> Op[list[Job]]:
+    def reschedule_jobs(self, ids: Iterable[int], options: object) -> Op[list[Job]]:
+        if not isinstance(options, RescheduleJobOptions):
+            raise InvalidArgumentType(
+                f"reschedule_jobs takes RescheduleJobOptions, not {_kind(options)}: write "
+                "RescheduleJobOptions(run_at=..., priority=...)"
+            )
+        job_ids = _ids(ids, "reschedule_jobs")
         run_at = options.run_at
         if isinstance(run_at, timedelta):
-            run_at = datetime.now().astimezone() + run_at
-        elif run_at is not None and run_at.tzinfo is None:
-            raise ValueError("RescheduleJobOptions.run_at must be timezone-aware")
+            # From the database's clock, as every other time the jobs hold.
+            now: datetime = (yield self.sql.now, {}).scalar_one()
+            try:
+                run_at = now + run_at
+            except OverflowError:
+                raise ValueOutOfRange(
+                    f"RescheduleJobOptions.run_at: now() + {run_at} is out of range"
+                ) from None
+            check_run_at("RescheduleJobOptions.run_at (now() + timedelta)", run_at)
         params = {
-            "ids": _ids(ids),
+            "ids": job_ids,
             "run_at": run_at,
             "priority": options.priority,
             "attempts": options.attempts,
             "max_attempts": options.max_attempts,
         }
-        return self._rows(self.sql.reschedule_jobs, params)
+        return (yield from self._rows(self.sql.reschedule_jobs, params))
 
     def force_unlock_workers(self, worker_ids: Iterable[str]) -> Op[None]:
-        ids = [str(worker_id) for worker_id in worker_ids]
+        ids = []
+        for worker_id in _iterable(worker_ids, "worker ids", "force_unlock_workers"):
+            if not isinstance(worker_id, str):
+                raise InvalidArgumentType(
+                    f"force_unlock_workers takes worker ids (strings), not {_kind(worker_id)}"
+                )
+            ids.append(worker_id)
         if ids:
             yield self.sql.force_unlock_workers, {"worker_ids": ids}
 
     def cleanup(self, tasks: Iterable[CleanupTask | str] | None) -> Op[None]:
-        chosen = (
-            [CleanupTask.GC_TASK_IDENTIFIERS, CleanupTask.GC_JOB_QUEUES]
-            if tasks is None
-            else [CleanupTask(task) for task in tasks]
-        )
+        chosen = [CleanupTask.GC_TASK_IDENTIFIERS, CleanupTask.GC_JOB_QUEUES]
+        if tasks is not None:
+            chosen = []
+            for task in _iterable(tasks, "CleanupTask values", "cleanup"):
+                try:
+                    chosen.append(CleanupTask(task))
+                except ValueError:
+                    known = ", ".join(t.value for t in CleanupTask)
+                    raise InvalidArgument(
+                        f"unknown cleanup task {task!r}; expected one of {known}"
+                    ) from None
         keep = sorted(self.known_identifiers)
         for task in chosen:
             if task is CleanupTask.DELETE_PERMANENTLY_FAILED_JOBS:

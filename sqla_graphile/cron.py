@@ -69,7 +69,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from ._urls import async_engine_from_url
-from .errors import GraphileWorkerError, PayloadNotSerializable
+from .errors import CrontabError, PayloadNotSerializable
 from .functions import worker_functions
 from .hooks import Hooks
 from .schema import DEFAULT_SCHEMA, validate_schema_name, worker_schema
@@ -99,20 +99,6 @@ ONE_MINUTE = timedelta(minutes=1)
 CRON_KEY = "_cron"
 _SMALLINT = (-32768, 32767)
 _MAX_NAME = 128
-
-
-class CrontabError(GraphileWorkerError, ValueError):
-    """A crontab line or a :class:`Cron` item is invalid.
-
-    ``line`` is the 1-based line number (``None`` for a Python :class:`Cron` item) and
-    ``field`` the part at fault (``"minute"``, ``"hour"``, ``"day of month"``, ``"month"``,
-    ``"day of week"``, ``"task"``, an option name such as ``"fill"``, ``"payload"`` …).
-    """
-
-    def __init__(self, message: str, *, line: int | None = None, field: str | None = None):
-        super().__init__(message)
-        self.line = line
-        self.field = field
 
 
 # -- time fields -----------------------------------------------------------------------

@@ -1,24 +1,64 @@
-"""Named exceptions, and the translation of database errors into them.
+"""Named exceptions, the translation of database errors into them, and error classification.
 
-Every error this library raises on purpose derives from :class:`GraphileWorkerError`.
-Errors that come from the database keep the driver's exception as ``__cause__``.
+Every error this library raises on purpose derives from :class:`GraphileWorkerError`;
+errors that come from the database keep the driver's exception as ``__cause__``. The
+hierarchy:
+
+    GraphileWorkerError
+    ├── UsageError                    the library was called the wrong way
+    │   ├── InvalidArgument           (also ValueError) an argument's value is unusable
+    │   │   └── InvalidSchemaName
+    │   ├── InvalidArgumentType       (also TypeError) an argument of the wrong kind
+    │   ├── InvalidHookResult         (also TypeError) a hook returned something unusable
+    │   ├── EventLoopAlreadyRunning   (also RuntimeError) a blocking call inside a loop
+    │   └── WorkerAlreadyRunning      (also RuntimeError) a second run of one worker
+    ├── InvalidJobSpec                (also ValueError) a job's fields break a rule
+    │   ├── InvalidJobKeyMode, InvalidJobKey, InvalidMaxAttempts, InvalidCharacter
+    │   ├── TaskIdentifierTooLong, QueueNameTooLong, DuplicateJobKeyInBatch
+    │   ├── ValueOutOfRange           a number or time outside its column's range
+    │   └── PayloadNotSerializable    (also TypeError)
+    ├── CrontabError                  (also ValueError) a crontab line or Cron item
+    ├── JobScheduleSkipped            a before_job_schedule hook skipped the job
+    ├── JobScheduleFailed             a before_job_schedule hook refused the job
+    ├── JobKeyLocked                  a keyed add lost every race with workers
+    ├── BatchJobError                 a batch job cannot be run as a batch
+    ├── NotSchemaOwner                the role may not use the worker schema
+    └── MigrationError                the worker schema cannot be used or migrated
+        ├── SchemaNotMigrated, DatabaseNewerThanLibrary, LedgerTooOld
+        └── UnsupportedPostgresVersion
+
+:func:`is_transient` is the one place that decides whether another try of a failed
+statement may succeed; :func:`translate_db_error` names database errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import re
+import socket
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
 __all__ = [
+    "BatchJobError",
+    "CrontabError",
     "DatabaseNewerThanLibrary",
     "DuplicateJobKeyInBatch",
+    "EventLoopAlreadyRunning",
     "GraphileWorkerError",
+    "InvalidArgument",
+    "InvalidArgumentType",
     "InvalidCharacter",
+    "InvalidHookResult",
     "InvalidJobKey",
     "InvalidJobKeyMode",
     "InvalidJobSpec",
     "InvalidMaxAttempts",
     "InvalidSchemaName",
+    "JobKeyLocked",
     "JobScheduleFailed",
     "JobScheduleSkipped",
     "LedgerTooOld",
@@ -29,7 +69,10 @@ __all__ = [
     "SchemaNotMigrated",
     "TaskIdentifierTooLong",
     "UnsupportedPostgresVersion",
+    "UsageError",
     "ValueOutOfRange",
+    "WorkerAlreadyRunning",
+    "is_transient",
     "sqlstate_of",
     "translate_db_error",
 ]
@@ -39,8 +82,42 @@ class GraphileWorkerError(Exception):
     """Base class of every error raised by sqla-graphile."""
 
 
-class InvalidSchemaName(GraphileWorkerError, ValueError):
+# -- misuse ---------------------------------------------------------------------------
+
+
+class UsageError(GraphileWorkerError):
+    """The library was called in a way it does not support; the message says how to call it.
+
+    Each subclass also derives from the built-in exception Python code would expect
+    (``ValueError``, ``TypeError``, ``RuntimeError``).
+    """
+
+
+class InvalidArgument(UsageError, ValueError):
+    """An argument has the right type but a value the call cannot use."""
+
+
+class InvalidArgumentType(UsageError, TypeError):
+    """An argument is of the wrong kind, e.g. a task identifier where a task is expected."""
+
+
+class InvalidHookResult(UsageError, TypeError):
+    """A hook returned something the library cannot use (nothing was written)."""
+
+
+class EventLoopAlreadyRunning(UsageError, RuntimeError):
+    """A blocking call was made inside a running event loop; use its ``…_async`` twin."""
+
+
+class WorkerAlreadyRunning(UsageError, RuntimeError):
+    """A worker was started again while it runs; each ``Worker`` runs once at a time."""
+
+
+class InvalidSchemaName(InvalidArgument):
     """The worker schema name cannot be a PostgreSQL schema name."""
+
+
+# -- the worker schema ------------------------------------------------------------------
 
 
 class MigrationError(GraphileWorkerError):
@@ -48,13 +125,14 @@ class MigrationError(GraphileWorkerError):
 
 
 class SchemaNotMigrated(MigrationError):
-    """The worker schema does not exist (yet) in this database."""
+    """The worker schema, or an object in it, does not exist (yet) in this database."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
         super().__init__(
-            f"schema not migrated: the worker schema {schema!r} does not exist in this "
-            "database; run `graphile-worker migrate` or `alembic upgrade heads` first"
+            f"schema not migrated: the worker schema {schema!r} is missing from this "
+            "database, or lacks some of its objects; run `graphile-worker migrate` or "
+            "`alembic upgrade heads` first"
         )
 
 
@@ -98,8 +176,15 @@ class NotSchemaOwner(GraphileWorkerError):
     """
 
 
+# -- jobs -----------------------------------------------------------------------------
+
+
 class InvalidJobSpec(GraphileWorkerError, ValueError):
-    """A job's specification breaks one of the schema's rules."""
+    """A job's fields (a ``JobSpec``, ``RescheduleJobOptions``…) break one of the schema's rules.
+
+    Raised before anything is sent when the library can tell (types, ranges, time
+    zones), else translated from the database's refusal; either way nothing is written.
+    """
 
 
 class InvalidJobKeyMode(InvalidJobSpec):
@@ -127,7 +212,12 @@ class InvalidMaxAttempts(InvalidJobSpec):
 
 
 class ValueOutOfRange(InvalidJobSpec):
-    """A number does not fit its column (priority and attempts are ``smallint``)."""
+    """A value does not fit its column.
+
+    ``priority``, ``attempts`` and ``max_attempts`` are ``smallint`` (-32768..32767); a
+    ``run_at`` must lie between the years 1 and 9999 in UTC, a day away from either end,
+    so that it reads back as a Python ``datetime`` in any session time zone.
+    """
 
 
 class DuplicateJobKeyInBatch(InvalidJobSpec):
@@ -146,17 +236,64 @@ class JobScheduleFailed(GraphileWorkerError):
     """A ``before_job_schedule`` hook failed the job; nothing was written."""
 
 
-_CONSTRAINT_ERRORS: dict[str, tuple[type[InvalidJobSpec], str]] = {
-    "tasks_identifier_check": (
-        TaskIdentifierTooLong,
-        "task identifiers are at most 128 characters",
-    ),
-    "job_queues_queue_name_check": (QueueNameTooLong, "queue names are at most 128 characters"),
-    "jobs_key_check": (InvalidJobKey, "job keys are 1 to 512 characters"),
-    "jobs_max_attempts_check": (InvalidMaxAttempts, "max_attempts must be at least 1"),
-}
+class JobKeyLocked(GraphileWorkerError):
+    """A keyed add found its job locked by a worker in every one of its attempts.
 
-_CONSTRAINT_IN_MESSAGE = re.compile(r'constraint "([^"]+)"')
+    Node's ``add_job`` writes nothing when a worker locks the keyed job between its two
+    steps (Node issue #580); the library tries again a few times, then raises this.
+    Nothing was written: adding again later is safe. ``keys`` holds the job keys.
+    """
+
+    def __init__(self, message: str, keys: list[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+class BatchJobError(GraphileWorkerError):
+    """A batch job could not be run as a batch, or its handler's answer is unusable."""
+
+
+class CrontabError(GraphileWorkerError, ValueError):
+    """A crontab line or a :class:`~sqla_graphile.cron.Cron` item is invalid.
+
+    ``line`` is the 1-based line number (``None`` for a Python ``Cron`` item) and
+    ``field`` the part at fault (``"minute"``, ``"hour"``, ``"day of month"``, ``"month"``,
+    ``"day of week"``, ``"task"``, an option name such as ``"fill"``, ``"payload"`` …).
+    """
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.line = line
+        self.field = field
+
+
+# -- classifying driver errors ----------------------------------------------------------
+
+#: SQLSTATEs worth another try besides the connection class ``08``: serialisation
+#: failure, deadlock, too many connections, and the server shutting down, crashed,
+#: starting up, or ending an idle session.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03", "57P05"})
+
+#: Operating-system errors of a network link (those not already a ConnectionError).
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ETIMEDOUT",
+        "ECONNABORTED",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "EPIPE",
+    )
+    if hasattr(errno, name)
+)
+
+#: DB-API exception classes that, without a SQLSTATE, mean the link failed.
+_LINK_ERROR_CLASSES = frozenset({"OperationalError", "InterfaceError"})
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -171,6 +308,56 @@ def sqlstate_of(exc: BaseException) -> str | None:
             if isinstance(value, str) and value:
                 return value
     return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another try of the failed statement, on a fresh connection, may succeed.
+
+    Yes for a lost or refused link (connection-class SQLSTATEs ``08…``, a DB-API
+    ``OperationalError``/``InterfaceError`` without a SQLSTATE, ``ConnectionError``,
+    ``TimeoutError``, a network ``OSError``, a pool timeout), a server shutting down
+    or starting up (``57P01``-``57P03``, ``57P05``), too many connections (``53300``), a
+    serialisation failure or deadlock (``40001``, ``40P01``). No for everything else:
+    a statement the server refused for what it says (a missing schema, a constraint),
+    other operating-system errors (a missing file), and programming errors
+    (``TypeError``, ``ValueError``) whatever they wrap.
+    """
+    if isinstance(exc, (TypeError, ValueError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, PoolTimeoutError)):
+        return True
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN  # a name server that did not answer
+    if isinstance(exc, OSError):
+        return exc.errno in _NETWORK_ERRNOS
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    state = sqlstate_of(exc)
+    if state is not None:
+        return state.startswith("08") or state in _TRANSIENT_SQLSTATES
+    driver_error = exc.orig if isinstance(exc, DBAPIError) else exc
+    if driver_error is None:
+        return False
+    # No SQLSTATE: the server never answered; the DB-API class says whether the link broke.
+    return any(cls.__name__ in _LINK_ERROR_CLASSES for cls in type(driver_error).__mro__)
+
+
+# -- naming database errors -------------------------------------------------------------
+
+_CONSTRAINT_ERRORS: dict[str, tuple[type[InvalidJobSpec], str]] = {
+    "tasks_identifier_check": (
+        TaskIdentifierTooLong,
+        "task identifiers are at most 128 characters",
+    ),
+    "job_queues_queue_name_check": (QueueNameTooLong, "queue names are at most 128 characters"),
+    "jobs_key_check": (InvalidJobKey, "job keys are 1 to 512 characters"),
+    "jobs_max_attempts_check": (InvalidMaxAttempts, "max_attempts must be at least 1"),
+}
+
+_CONSTRAINT_IN_MESSAGE = re.compile(r'constraint "([^"]+)"')
+
+#: Undefined schema, table (or view), function and type: a missing worker object.
+_MISSING_OBJECT_SQLSTATES = frozenset({"3F000", "42P01", "42883", "42704"})
 
 
 def _constraint_of(exc: BaseException) -> str | None:
@@ -226,9 +413,11 @@ def _translate(exc: BaseException, schema: str) -> GraphileWorkerError | None:
             f"a number is out of range; priority, attempts and max_attempts must fit a "
             f"smallint (-32768..32767) ({detail})"
         )
+    if state == "22008":
+        return ValueOutOfRange(f"a time is out of range ({detail})")
     if state == "21000" and "ON CONFLICT" in detail:
         return DuplicateJobKeyInBatch(f"two jobs in one batch share a job key ({detail})")
-    if state in ("3F000", "42P01", "42883") and _mentions_schema(detail, schema):
+    if state in _MISSING_OBJECT_SQLSTATES and _names_worker_schema(state, detail, schema):
         return SchemaNotMigrated(schema)
     if state == "42501":
         return NotSchemaOwner(
@@ -238,7 +427,16 @@ def _translate(exc: BaseException, schema: str) -> GraphileWorkerError | None:
     return None
 
 
-def _mentions_schema(detail: str, schema: str) -> bool:
-    # An undefined function or relation inside the worker schema means it is missing or
-    # unmigrated; the same error about another object is the caller's own.
-    return schema in detail or "job_spec" in detail or "_private_" in detail
+def _names_worker_schema(state: str, detail: str, schema: str) -> bool:
+    """Whether the missing object of a 3F000/42P01/42883/42704 error is the worker's.
+
+    The SQLSTATE says what kind of object is missing; the message names it, and names
+    are never translated: the worker schema itself (``schema "gw" does not exist``) or an
+    object it qualifies (``relation "gw._private_jobs"``, ``function gw.add_job(…)``).
+    The name must stand whole (a schema ``gw`` is not ``gw2``), and qualify the object:
+    another schema's objects, whatever they are called, are the caller's own business.
+    """
+    name = re.escape(schema)
+    if state == "3F000":
+        return re.search(rf"(?<![\w$.]){name}(?![\w$.])", detail) is not None
+    return re.search(rf"(?<![\w$.]){name}\.", detail) is not None

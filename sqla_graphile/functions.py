@@ -33,6 +33,7 @@ from sqlalchemy.sql.functions import Function
 from sqlalchemy.sql.selectable import TableValuedAlias
 from sqlalchemy.types import DateTime, NullType
 
+from .errors import InvalidArgumentType
 from .schema import DEFAULT_SCHEMA, WorkerSchema, worker_schema
 
 __all__ = ["WorkerFunctions", "worker_functions"]
@@ -195,7 +196,9 @@ def _json(value: _Arg) -> ColumnElement[Any]:
 def _payload(payload: _Arg) -> ColumnElement[Any]:
     if isinstance(payload, (ColumnElement, str)) or payload is None:
         return _json(payload)
-    raise TypeError("payload must be JSON text or a SQL expression; WorkerUtils encodes objects")
+    raise InvalidArgumentType(
+        "payload must be JSON text or a SQL expression; WorkerUtils encodes objects"
+    )
 
 
 def _ids(job_ids: _Arg) -> ColumnElement[Any]:

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import JobScheduleFailed, JobScheduleSkipped
+from .errors import InvalidArgument, InvalidHookResult, JobScheduleFailed, JobScheduleSkipped
 from .job import Job
 from .specs import JobSpec
 
@@ -308,7 +308,9 @@ class Hooks:
     def on(self, event: str) -> Callable[[_F], _F]:
         """Register an observer of a lifecycle event (a decorator)."""
         if event not in EVENTS:
-            raise ValueError(f"unknown hook event {event!r}; known: {', '.join(sorted(EVENTS))}")
+            raise InvalidArgument(
+                f"unknown hook event {event!r}; known: {', '.join(sorted(EVENTS))}"
+            )
 
         def register(fn: _F) -> _F:
             self._observers[event].append(fn)
@@ -341,7 +343,7 @@ class Hooks:
             elif isinstance(decision, (Skip, Fail)):
                 return decision
             else:
-                raise TypeError(
+                raise InvalidHookResult(
                     f"a before_job_run hook must return Continue, Skip, Fail or None, "
                     f"not {decision!r}"
                 )
@@ -355,7 +357,7 @@ class Hooks:
                 continue
             if isinstance(decision, (Skip, Fail)):
                 return decision
-            raise TypeError(
+            raise InvalidHookResult(
                 f"an after_job_run hook must return Continue, Skip, Fail or None, not {decision!r}"
             )
         return Continue()
@@ -387,7 +389,7 @@ class Hooks:
             elif isinstance(decision, Fail):
                 raise JobScheduleFailed(f"job {identifier!r} was refused: {decision.message}")
             else:
-                raise TypeError(
+                raise InvalidHookResult(
                     "a before_job_schedule hook must return Continue, Skip, Fail or None, "
                     f"not {decision!r}"
                 )

@@ -52,6 +52,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 
 from ._ops import Op
+from .errors import InvalidArgument
 from .schema import worker_schema
 
 __all__ = [
@@ -93,11 +94,11 @@ class WorkerRecoveryConfig:
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval", "sweep_interval", "sweep_threshold"):
             if getattr(self, name) <= timedelta(0):
-                raise ValueError(f"WorkerRecoveryConfig.{name} must be positive")
+                raise InvalidArgument(f"WorkerRecoveryConfig.{name} must be positive")
         if self.recovery_delay < timedelta(0):
-            raise ValueError("WorkerRecoveryConfig.recovery_delay must not be negative")
+            raise InvalidArgument("WorkerRecoveryConfig.recovery_delay must not be negative")
         if self.heartbeat_interval >= self.sweep_threshold:
-            raise ValueError(
+            raise InvalidArgument(
                 "WorkerRecoveryConfig.heartbeat_interval must be shorter than sweep_threshold, "
                 "or live workers would be judged dead"
             )
@@ -118,9 +119,9 @@ class SweepStaleWorkersOptions:
     def __post_init__(self) -> None:
         # A zero or negative threshold would judge every live worker dead.
         if self.sweep_threshold is not None and self.sweep_threshold <= timedelta(0):
-            raise ValueError("SweepStaleWorkersOptions.sweep_threshold must be positive")
+            raise InvalidArgument("SweepStaleWorkersOptions.sweep_threshold must be positive")
         if self.recovery_delay is not None and self.recovery_delay < timedelta(0):
-            raise ValueError("SweepStaleWorkersOptions.recovery_delay must not be negative")
+            raise InvalidArgument("SweepStaleWorkersOptions.recovery_delay must not be negative")
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,31 @@ import enum
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .errors import InvalidJobSpec
+from .errors import InvalidJobSpec, InvalidMaxAttempts, ValueOutOfRange
 
 __all__ = [
+    "RUN_AT_RANGE",
+    "SMALLINT_RANGE",
     "CleanupTask",
     "JobKeyMode",
     "JobSpec",
     "RawJobSpec",
     "RescheduleJobOptions",
+    "check_run_at",
 ]
+
+#: ``priority``, ``attempts`` and ``max_attempts`` are ``smallint`` columns.
+SMALLINT_RANGE = (-32768, 32767)
+#: The times a job may be set to run at, in UTC. PostgreSQL stores far more, but a row
+#: is read back as a Python ``datetime`` (years 1 to 9999) in the session's time zone:
+#: a day's margin at either end keeps every time zone within reach.
+RUN_AT_RANGE = (
+    datetime(1, 1, 2, tzinfo=timezone.utc),
+    datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=timezone.utc),
+)
 
 
 class JobKeyMode(str, enum.Enum):
@@ -49,8 +62,12 @@ class JobSpec:
     """Options of one job; every field left ``None`` takes the database's default.
 
     Defaults (applied by SQL, as in Node): no queue, ``run_at`` = now, 25 attempts,
-    priority 0 (lower runs first), no key, no flags. A field of the wrong type raises
-    :class:`~sqla_graphile.errors.InvalidJobSpec` here; ``flags`` are kept as a tuple.
+    priority 0 (lower runs first), no key, no flags. Checked here, before anything is
+    sent: a field of the wrong type or a naive ``run_at`` raises
+    :class:`~sqla_graphile.errors.InvalidJobSpec`, a ``priority`` or ``max_attempts``
+    outside ``smallint`` or a ``run_at`` outside :data:`RUN_AT_RANGE` raises
+    :class:`~sqla_graphile.errors.ValueOutOfRange`, and ``max_attempts`` below 1
+    :class:`~sqla_graphile.errors.InvalidMaxAttempts`. ``flags`` are kept as a tuple.
     """
 
     queue_name: str | None = None
@@ -62,18 +79,20 @@ class JobSpec:
     flags: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        if self.run_at is not None and self.run_at.tzinfo is None:
-            raise ValueError("JobSpec.run_at must be timezone-aware (e.g. datetime.now(UTC))")
-        # Wrong types fail here, named, rather than as a driver error or (a string of
-        # flags taken for a list of one-letter flags) not at all.
+        # Wrong types and out-of-range values fail here, named, rather than as a driver
+        # error or (a string of flags taken for a list of one-letter flags) not at all.
+        if self.run_at is not None:
+            check_run_at("JobSpec.run_at", self.run_at)
         if not (self.queue_name is None or isinstance(self.queue_name, str)):
-            raise InvalidJobSpec(_wrong_type("queue_name", "a string", self.queue_name))
+            raise InvalidJobSpec(_wrong_type("JobSpec.queue_name", "a string", self.queue_name))
         if not (self.job_key is None or isinstance(self.job_key, str)):
-            raise InvalidJobSpec(_wrong_type("job_key", "a string", self.job_key))
-        if not (self.max_attempts is None or isinstance(self.max_attempts, int)):
-            object.__setattr__(self, "max_attempts", _integer("max_attempts", self.max_attempts))
-        if not (self.priority is None or isinstance(self.priority, int)):
-            object.__setattr__(self, "priority", _integer("priority", self.priority))
+            raise InvalidJobSpec(_wrong_type("JobSpec.job_key", "a string", self.job_key))
+        if self.max_attempts is not None:
+            object.__setattr__(
+                self, "max_attempts", _max_attempts("JobSpec.max_attempts", self.max_attempts)
+            )
+        if self.priority is not None:
+            object.__setattr__(self, "priority", _smallint("JobSpec.priority", self.priority))
         if self.flags is not None:
             object.__setattr__(self, "flags", _flag_list(self.flags))
 
@@ -85,20 +104,61 @@ class JobSpec:
 
 
 def _wrong_type(field: str, expected: str, value: object) -> str:
-    return f"JobSpec.{field} must be {expected}, not {type(value).__name__}"
+    return f"{field} must be {expected}, not {type(value).__name__}"
 
 
 def _integer(field: str, value: object) -> int:
     """``value`` as an ``int`` if it is one in disguise (a NumPy integer, say)."""
+    if isinstance(value, int):
+        return value
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise InvalidJobSpec(_wrong_type(field, "an integer", value)) from None
 
 
+def _smallint(field: str, value: object) -> int:
+    number = _integer(field, value)
+    low, high = SMALLINT_RANGE
+    if not low <= number <= high:
+        raise ValueOutOfRange(f"{field} is out of range: {number} is not in {low}..{high}")
+    return number
+
+
+def _max_attempts(field: str, value: object) -> int:
+    number = _smallint(field, value)
+    if number < 1:
+        raise InvalidMaxAttempts(f"{field} must be at least 1, not {number}")
+    return number
+
+
+def check_run_at(field: str, value: object) -> datetime:
+    """``value`` if it is an aware ``datetime`` within :data:`RUN_AT_RANGE`.
+
+    Raises :class:`~sqla_graphile.errors.InvalidJobSpec` for anything else (a naive
+    time, another type) and :class:`~sqla_graphile.errors.ValueOutOfRange` outside
+    the range, before anything is sent.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidJobSpec(_wrong_type(field, "a timezone-aware datetime", value))
+    if value.utcoffset() is None:
+        raise InvalidJobSpec(f"{field} must be timezone-aware (e.g. datetime.now(UTC))")
+    low, high = RUN_AT_RANGE
+    try:
+        in_range = low <= value.astimezone(timezone.utc) <= high
+    except OverflowError:  # within a few hours of year 1 or 9999, in UTC past them
+        in_range = False
+    if not in_range:
+        raise ValueOutOfRange(
+            f"{field} is out of range: {value.isoformat()} is not between "
+            f"{low.isoformat()} and {high.isoformat()}"
+        )
+    return value
+
+
 def _flag_list(flags: object) -> tuple[str, ...]:
     if isinstance(flags, (str, bytes)) or not isinstance(flags, Iterable):
-        raise InvalidJobSpec(_wrong_type("flags", "a list of strings", flags))
+        raise InvalidJobSpec(_wrong_type("JobSpec.flags", "a list of strings", flags))
     listed = tuple(flags)
     for flag in listed:
         if not isinstance(flag, str):
@@ -121,13 +181,28 @@ class RawJobSpec:
 
 @dataclass(frozen=True)
 class RescheduleJobOptions:
-    """Fields to change with :meth:`WorkerUtils.reschedule_jobs`; ``None`` leaves one alone.
+    """What :meth:`WorkerUtils.reschedule_jobs` sets on the jobs.
 
-    Without ``run_at`` the jobs become runnable now (the database's clock).
-    ``run_at`` may also be a :class:`~datetime.timedelta` from now.
+    ``run_at`` is when the jobs run next: an aware ``datetime``, or a
+    :class:`~datetime.timedelta` added to the database's ``now()``; left ``None`` the
+    jobs become runnable now, by the database's clock. ``priority``, ``attempts`` and
+    ``max_attempts`` left ``None`` keep each job's own value. Wrong types and values out
+    of range raise :class:`~sqla_graphile.errors.InvalidJobSpec` here.
     """
 
     run_at: datetime | timedelta | None = None
     priority: int | None = None
     attempts: int | None = None
     max_attempts: int | None = None
+
+    def __post_init__(self) -> None:
+        name = "RescheduleJobOptions"
+        if self.run_at is not None and not isinstance(self.run_at, timedelta):
+            check_run_at(f"{name}.run_at", self.run_at)
+        if self.priority is not None:
+            object.__setattr__(self, "priority", _smallint(f"{name}.priority", self.priority))
+        if self.attempts is not None:
+            object.__setattr__(self, "attempts", _smallint(f"{name}.attempts", self.attempts))
+        if self.max_attempts is not None:
+            max_attempts = _max_attempts(f"{name}.max_attempts", self.max_attempts)
+            object.__setattr__(self, "max_attempts", max_attempts)

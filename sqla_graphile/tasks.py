@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from .errors import PayloadNotSerializable
+from .errors import InvalidArgument, InvalidArgumentType, PayloadNotSerializable
 
 if TYPE_CHECKING:
     from .context import WorkerContext
@@ -220,7 +220,7 @@ def task(
     into that type; otherwise the function receives the JSON value.
     """
     if not isinstance(identifier, str) or not identifier:
-        raise ValueError("a task identifier must be a non-empty string")
+        raise InvalidArgument("a task identifier must be a non-empty string")
 
     def decorate(fn: Callable[[Any, WorkerContext], Any]) -> FunctionTask[Any]:
         return FunctionTask(identifier, fn, payload_type)
@@ -232,7 +232,7 @@ def identifier_of(handler: Any) -> str:
     """The task identifier of a handler class, instance or :class:`FunctionTask`."""
     identifier = getattr(handler, "IDENTIFIER", None)
     if not isinstance(identifier, str) or not identifier:
-        raise TypeError(f"{handler!r} has no IDENTIFIER; typed tasks must define one")
+        raise InvalidArgumentType(f"{handler!r} has no IDENTIFIER; typed tasks must define one")
     return identifier
 
 

@@ -25,19 +25,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from ._admin import (
-    JobState,
-    LockHolder,
-    WorkerStats,
-    get_job_op,
-    list_jobs_op,
-    lock_holders_op,
-    stats_op,
-)
+from ._admin import get_job_op, list_jobs_op, lock_holders_op, stats_op
 from ._drive import drive, drive_async, first_request
-from ._ops import NameCache, Op, Operations
+from ._ops import NameCache, Op, Operations, check_raw_jobs, check_spec, typed_identifier
 from ._urls import async_engine_from_url, engine_from_url
-from .errors import translate_db_error
+from .admin import JobState, LockHolder, WorkerStats
+from .errors import InvalidArgumentType, translate_db_error
 from .hooks import Hooks
 from .job import Job
 from .recovery import (
@@ -50,7 +43,7 @@ from .recovery import (
 )
 from .schema import DEFAULT_SCHEMA, validate_schema_name
 from .specs import CleanupTask, JobSpec, RawJobSpec, RescheduleJobOptions
-from .tasks import TaskHandler, identifier_of
+from .tasks import TaskHandler
 
 __all__ = ["AsyncWorkerUtils", "WorkerUtils"]
 
@@ -62,9 +55,21 @@ _U = TypeVar("_U", bound="_UtilsBase[Any]")
 
 
 def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJobSpec]:
-    return [
-        RawJobSpec(identifier_of(instance), instance, spec or JobSpec()) for instance, spec in jobs
-    ]
+    typed = []
+    for pair in jobs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise InvalidArgumentType(
+                f"add_jobs takes (task, spec) pairs, not {type(pair).__name__}: write "
+                "add_jobs([(task, None), (task, JobSpec(...))])"
+            )
+        instance, spec = pair
+        identifier = typed_identifier(instance, "add_jobs")
+        typed.append(RawJobSpec(identifier, instance, check_spec(spec, "add_jobs")))
+    return typed
+
+
+def _options(options: RescheduleJobOptions | None) -> RescheduleJobOptions:
+    return RescheduleJobOptions() if options is None else options
 
 
 class _UtilsBase(Generic[_Bind]):
@@ -89,7 +94,7 @@ class _UtilsBase(Generic[_Bind]):
             bind = self._owned_engine = self._engine_from_url(bind)
         if not isinstance(bind, self._BIND_TYPES):
             kinds = ", ".join(kind.__name__ for kind in self._BIND_TYPES)
-            raise TypeError(
+            raise InvalidArgumentType(
                 f"{type(self).__name__} needs one of {kinds} or a URL; "
                 f"for {type(bind).__name__} use {self._OTHER_TWIN}"
             )
@@ -181,8 +186,13 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
     # -- adding jobs --------------------------------------------------------------
 
     def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
-        """Enqueue a typed task: identifier from its class, payload from the instance."""
-        return self._run(self.ops.add_job(identifier_of(task), task, spec))
+        """Enqueue a typed task: identifier from its class, payload from the instance.
+
+        ``task`` is a ``TaskHandler`` instance and ``spec`` a ``JobSpec``; anything else
+        (an identifier string, a dict of options) raises
+        :class:`~sqla_graphile.errors.InvalidArgumentType` naming the call that fits.
+        """
+        return self._run(self.ops.add_job(typed_identifier(task), task, spec, "add_job"))
 
     def add_raw_job(self, identifier: str, payload: Any = None, spec: JobSpec | None = None) -> Job:
         """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``)."""
@@ -194,7 +204,7 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
 
     def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """Enqueue jobs of any identifiers in one statement."""
-        return self._run(self.ops.add_jobs(list(jobs)))
+        return self._run(self.ops.add_jobs(check_raw_jobs(jobs)))
 
     def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's)."""
@@ -203,7 +213,11 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
     # -- administration -----------------------------------------------------------
 
     def remove_job(self, job_key: str) -> Job | None:
-        """Delete the waiting job with this key, or stop a running one from retrying."""
+        """Delete the waiting job with this key, or stop a running one from retrying.
+
+        Returns the job, or ``None`` when no job has the key. To delete by id use
+        :meth:`complete_jobs`.
+        """
         return self._run(self.ops.remove_job(job_key))
 
     def complete_jobs(self, ids: Iterable[int]) -> list[Job]:
@@ -217,8 +231,12 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
     def reschedule_jobs(
         self, ids: Iterable[int], options: RescheduleJobOptions | None = None
     ) -> list[Job]:
-        """Change run time, priority or attempts of these jobs unless locked."""
-        return self._run(self.ops.reschedule_jobs(ids, options or RescheduleJobOptions()))
+        """Change run time, priority or attempts of these jobs unless locked.
+
+        See :class:`~sqla_graphile.specs.RescheduleJobOptions`: a ``timedelta`` counts
+        from the database's ``now()``, and no ``run_at`` makes the jobs runnable now.
+        """
+        return self._run(self.ops.reschedule_jobs(ids, _options(options)))
 
     def force_unlock_workers(self, worker_ids: Iterable[str]) -> None:
         """Release every job and queue lock held by these (dead) workers."""
@@ -331,7 +349,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_job`."""
-        return await self._run(self.ops.add_job(identifier_of(task), task, spec))
+        return await self._run(self.ops.add_job(typed_identifier(task), task, spec, "add_job"))
 
     async def add_raw_job(
         self, identifier: str, payload: Any = None, spec: JobSpec | None = None
@@ -345,7 +363,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """See :meth:`WorkerUtils.add_raw_jobs`."""
-        return await self._run(self.ops.add_jobs(list(jobs)))
+        return await self._run(self.ops.add_jobs(check_raw_jobs(jobs)))
 
     async def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_batch_job`."""
@@ -369,7 +387,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
         self, ids: Iterable[int], options: RescheduleJobOptions | None = None
     ) -> list[Job]:
         """See :meth:`WorkerUtils.reschedule_jobs`."""
-        return await self._run(self.ops.reschedule_jobs(ids, options or RescheduleJobOptions()))
+        return await self._run(self.ops.reschedule_jobs(ids, _options(options)))
 
     async def force_unlock_workers(self, worker_ids: Iterable[str]) -> None:
         """See :meth:`WorkerUtils.force_unlock_workers`."""
@@ -432,13 +450,14 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def migrate(self) -> None:
         """See :meth:`WorkerUtils.migrate`."""
-        from .migrations import migrate
+        from .migrations import migration_lock, run_migrations
 
         bind = self.bind
         schema = self.schema
-        if isinstance(bind, AsyncEngine):
-            async with bind.connect() as connection:
-                await connection.run_sync(lambda sync: migrate(sync, schema=schema))
-            return
-        connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
-        await connection.run_sync(lambda sync: migrate(sync, schema=schema))
+        async with migration_lock.held_async():
+            if isinstance(bind, AsyncEngine):
+                async with bind.connect() as connection:
+                    await connection.run_sync(lambda sync: run_migrations(sync, schema))
+                return
+            connection = await bind.connection() if isinstance(bind, AsyncSession) else bind
+            await connection.run_sync(lambda sync: run_migrations(sync, schema))

@@ -7,11 +7,13 @@ Node applies them, at test time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +23,10 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, text
 
-from sqla_graphile import DatabaseNewerThanLibrary, migrate
-from sqla_graphile.errors import LedgerTooOld
-from sqla_graphile.migrations import NewerDatabaseWarning, alembic_config
+from sqla_graphile import AsyncWorkerUtils, DatabaseNewerThanLibrary, migrate
+from sqla_graphile._urls import async_engine_from_url
+from sqla_graphile.errors import LedgerTooOld, UsageError
+from sqla_graphile.migrations import NewerDatabaseWarning, alembic_config, migration_lock
 
 BREAKING = {1, 3, 11, 13, 14, 16, 19}
 EXPECTED_LEDGER = [(n, n in BREAKING) for n in range(1, 21)]
@@ -320,25 +323,33 @@ migrate(url, schema=schema)
 """
 
 
-def test_four_processes_migrating_at_once_leave_one_correct_schema(
-    database_url: str, engine: Engine, schema_name: str, listener: Listener
-) -> None:
+def assert_migrated_once(engine: Engine, schema: str, listener: Listener) -> None:
+    """One correct schema, its work done once: each migration announced exactly once."""
+    assert ledger(engine, schema) == EXPECTED_LEDGER
+    assert listener.received() == [migrate_payload(n) for n in range(1, 21)]
+    with engine.connect() as conn:
+        assert conn.scalar(text(f"select count(*) from {node_quote(schema)}.alembic_version")) == 1
+    assert_functions_work(engine, schema)
+
+
+def migrate_in_processes(database_url: str, schema: str, count: int) -> None:
+    """``count`` processes call ``migrate()`` at the same moment; each must succeed."""
     key = secrets.randbelow(2**31 - 1)
     with psycopg.connect(database_url, autocommit=True) as gate:
         gate.execute("select pg_advisory_lock(4242, %s)", (key,))
         children = [
             subprocess.Popen(
-                [sys.executable, "-c", _CHILD, database_url, schema_name, str(key)],
+                [sys.executable, "-c", _CHILD, database_url, schema, str(key)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for _ in range(4)
+            for _ in range(count)
         ]
         try:
             deadline = time.monotonic() + 60
             waiting = 0
-            while waiting < 4:
+            while waiting < count:
                 waiting = gate.execute(
                     "select count(*) from pg_locks where locktype = 'advisory'"
                     " and classid = 4242 and objid = %s and not granted",
@@ -349,22 +360,95 @@ def test_four_processes_migrating_at_once_leave_one_correct_schema(
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            assert waiting == 4, "the four migrators never all reached the starting gate"
+            assert waiting == count, "the migrators never all reached the starting gate"
         finally:
             gate.execute("select pg_advisory_unlock(4242, %s)", (key,))
             outputs = [child.communicate(timeout=120) for child in children]
 
     for child, (_, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err
+
+
+def test_four_processes_migrating_at_once_leave_one_correct_schema(
+    database_url: str, engine: Engine, schema_name: str, listener: Listener
+) -> None:
+    migrate_in_processes(database_url, schema_name, 4)
+    assert_migrated_once(engine, schema_name, listener)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_three_processes_on_a_fresh_schema_leave_one_correct_schema(
+    database_url: str, engine: Engine, schema_name: str, listener: Listener, round_: int
+) -> None:
+    migrate_in_processes(database_url, schema_name, 3)
+    assert_migrated_once(engine, schema_name, listener)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_four_threads_migrating_at_once_leave_one_correct_schema(
+    database_url: str, engine: Engine, schema_name: str, listener: Listener, round_: int
+) -> None:
+    """Alembic's context is process-wide: threads of one process must take turns."""
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+    binds: list[Any] = [engine, engine, database_url, engine]
+
+    def run(bind: Any) -> None:
+        try:
+            start.wait(30)
+            migrate(bind, schema=schema_name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(bind,), daemon=True) for bind in binds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "a migrate() call hung"
+    assert errors == []
+    assert_migrated_once(engine, schema_name, listener)
+
+
+async def test_async_migrations_of_one_loop_and_a_thread_take_turns(
+    database_url: str, engine: Engine, schema_name: str, listener: Listener
+) -> None:
+    """Tasks of one event loop migrating at once neither clash nor block the loop."""
+    engines = [async_engine_from_url(database_url) for _ in range(3)]
+    try:
+        in_thread = asyncio.to_thread(migrate, engine, schema_name)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    in_thread, *(AsyncWorkerUtils(e, schema_name).migrate() for e in engines)
+                ),
+                120,
+            )
+        finally:
+            ticker.cancel()
+        assert ticks > 1  # the loop kept running while the migrations took turns
+    finally:
+        for async_engine in engines:
+            await async_engine.dispose()
+    assert_migrated_once(engine, schema_name, listener)
+
+
+def test_migrate_inside_a_migration_of_the_same_thread_is_refused(
+    engine: Engine, schema_name: str
+) -> None:
+    with migration_lock.held(), pytest.raises(UsageError, match="same thread"):
+        migrate(engine, schema=schema_name)
+    migrate(engine, schema=schema_name)  # the lock was released
     assert ledger(engine, schema_name) == EXPECTED_LEDGER
-    # The work was done once: each migration was announced exactly once.
-    assert listener.received() == [migrate_payload(n) for n in range(1, 21)]
-    with engine.connect() as conn:
-        assert (
-            conn.scalar(text(f"select count(*) from {node_quote(schema_name)}.alembic_version"))
-            == 1
-        )
-    assert_functions_work(engine, schema_name)
 
 
 # --- 3. ledgers this library must not (silently) use --------------------------------------

@@ -280,9 +280,6 @@ def test_specs_are_stored_exactly_or_refused_by_name(
     savepoint: bool,
     batch: bool,
 ) -> None:
-    spec = JobSpec(
-        queue_name=queue_name, job_key=job_key, priority=priority, max_attempts=max_attempts
-    )
     problems: list[type[GraphileWorkerError]] = []
     texts = [identifier] + [v for v in (queue_name, job_key) if v is not None]
     if any(_has_bad_char(v) for v in texts):
@@ -301,6 +298,10 @@ def test_specs_are_stored_exactly_or_refused_by_name(
         problems.append(InvalidMaxAttempts)
 
     def add(utils: WorkerUtils) -> Any:
+        # Numbers out of range are refused by JobSpec itself, before anything is sent.
+        spec = JobSpec(
+            queue_name=queue_name, job_key=job_key, priority=priority, max_attempts=max_attempts
+        )
         if batch:
             (job,) = utils.add_raw_jobs([RawJobSpec(identifier, {"n": 1}, spec)])
             return job

@@ -26,9 +26,9 @@ from utils_fixtures import (
 from sqla_graphile import (
     AsyncWorkerUtils,
     Hooks,
+    InvalidArgument,
     Job,
     JobKeyMode,
-    JobScheduleFailed,
     JobSpec,
     PayloadNotSerializable,
     RawJobSpec,
@@ -106,9 +106,9 @@ def test_unsafe_dedupe_in_a_batch_is_refused_before_any_write(
         RawJobSpec("fresh_b", {"n": 2}, JobSpec(job_key="k", job_key_mode=mode)),
     ]
     with statement_log(engine) as log:
-        with pytest.raises(JobScheduleFailed, match="UNSAFE_DEDUPE"):
+        with pytest.raises(InvalidArgument, match="UNSAFE_DEDUPE"):
             utils.add_raw_jobs(batch)
-        with pytest.raises(JobScheduleFailed, match="UNSAFE_DEDUPE"):
+        with pytest.raises(InvalidArgument, match="UNSAFE_DEDUPE"):
             utils.add_jobs([(SendEmail("a@x"), JobSpec(job_key="k2", job_key_mode=mode))])
     assert log.statements == []
     assert seen == []

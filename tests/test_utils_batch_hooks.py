@@ -23,6 +23,9 @@ from sqla_graphile import (
     Continue,
     Fail,
     Hooks,
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidHookResult,
     JobKeyMode,
     JobScheduleFailed,
     JobScheduleSkipped,
@@ -86,14 +89,14 @@ def test_batch_jobs_take_any_key_mode(engine: Engine, schema: str) -> None:
 def test_an_empty_batch_job_is_refused_before_hooks_and_writes(engine: Engine, schema: str) -> None:
     hooks, seen = _hooks(None)
     utils = WorkerUtils(engine, schema, hooks=hooks)
-    with statement_log(engine) as log, pytest.raises(JobScheduleFailed, match="at least one item"):
+    with statement_log(engine) as log, pytest.raises(InvalidArgument, match="at least one item"):
         utils.add_batch_job([])
     assert seen == []
     assert log.statements == []
 
 
 def test_batch_items_of_two_classes_are_refused(engine: Engine, schema: str) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidArgumentType, match="BatchTaskHandler"):
         WorkerUtils(engine, schema).add_batch_job([Thumb("a"), SendEmail("x")])
     assert job_rows(engine, schema) == []
 
@@ -111,7 +114,7 @@ def test_a_hook_must_keep_a_batch_a_non_empty_array(
 ) -> None:
     hooks, seen = _hooks(Continue(rewrite))
     utils = WorkerUtils(engine, schema, hooks=hooks)
-    with statement_log(engine) as log, pytest.raises(JobScheduleFailed, match=message):
+    with statement_log(engine) as log, pytest.raises(InvalidHookResult, match=message):
         utils.add_batch_job([Thumb("a")])
     assert len(seen) == 1
     assert seen[0].payload == [{"path": "a"}]

@@ -30,10 +30,8 @@ from sqla_graphile.errors import (
     InvalidJobKey,
     InvalidJobKeyMode,
     InvalidJobSpec,
-    InvalidMaxAttempts,
     QueueNameTooLong,
     TaskIdentifierTooLong,
-    ValueOutOfRange,
 )
 
 # Fixtures shared by the WorkerUtils tests (see utils_fixtures).
@@ -61,9 +59,6 @@ SINGLE_ADD_ERRORS = [
     pytest.param("t", JobSpec(queue_name="q" * 129), QueueNameTooLong, id="queue"),
     pytest.param("t", JobSpec(job_key=""), InvalidJobKey, id="empty-key"),
     pytest.param("t", JobSpec(job_key="k" * 513), InvalidJobKey, id="long-key"),
-    pytest.param("t", JobSpec(max_attempts=0), InvalidMaxAttempts, id="max-attempts"),
-    pytest.param("t", JobSpec(priority=40_000), ValueOutOfRange, id="priority-range"),
-    pytest.param("t", JobSpec(max_attempts=70_000), ValueOutOfRange, id="attempts-range"),
 ]
 
 
@@ -92,8 +87,6 @@ BATCH_ERRORS = [
         id="queue",
     ),
     pytest.param([RawJobSpec("t", {}, JobSpec(job_key=""))], InvalidJobKey, id="key"),
-    pytest.param([RawJobSpec("t", {}, JobSpec(max_attempts=0))], InvalidMaxAttempts, id="attempts"),
-    pytest.param([RawJobSpec("t", {}, JobSpec(priority=-40_000))], ValueOutOfRange, id="range"),
 ]
 
 

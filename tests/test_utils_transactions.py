@@ -158,13 +158,13 @@ async def test_errors_raised_before_the_database_leave_the_transaction_usable(
     kind: str,
     driver: str,
 ) -> None:
-    from sqla_graphile import JobScheduleFailed, PayloadNotSerializable
+    from sqla_graphile import InvalidArgument, PayloadNotSerializable
 
     tx = await binds.open(kind, driver)
     await call(tx.business("before"))
     with pytest.raises(PayloadNotSerializable):
         await tx.add("bad", {"x": float("nan")})
-    with pytest.raises(JobScheduleFailed):
+    with pytest.raises(InvalidArgument):
         await call(
             tx.utils.add_raw_jobs(
                 [RawJobSpec("b", {}, JobSpec(job_key="k", job_key_mode="unsafe_dedupe"))]

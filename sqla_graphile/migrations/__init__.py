@@ -16,11 +16,13 @@ exactly as Node graphile-worker 0.18 does, rows 1–20, so Node and Python share
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ from ..errors import (
     LedgerTooOld,
     MigrationError,
     UnsupportedPostgresVersion,
+    UsageError,
     sqlstate_of,
 )
 from ..schema import DEFAULT_SCHEMA, quote_schema, validate_schema_name, worker_schema
@@ -52,8 +55,10 @@ __all__ = [
     "current_schema",
     "include_name",
     "migrate",
+    "migration_lock",
     "notify_migration",
     "read_ledger",
+    "run_migrations",
 ]
 
 logger = logging.getLogger("sqla_graphile.migrations")
@@ -241,16 +246,71 @@ def _connect(bind: Engine | Connection | str) -> Iterator[Connection]:
             engine.dispose()
 
 
+class _MigrationLock:
+    """One migration at a time in this process.
+
+    Alembic's ``context`` and ``op`` are process-wide proxies: two migrations running at
+    once in two threads (or two tasks of one event loop) would swap each other's
+    environment mid-run. Processes are serialised by an advisory lock in the database
+    (see :func:`~sqla_graphile.migrations.environment.lock_and_prepare`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock, waiting for another thread's migration to end."""
+        if self._owner == threading.get_ident():
+            # Waiting would never end: the migration holding it runs in this very thread
+            # (a revision or env.py calling migrate(), or a sync call on a loop migrating).
+            raise UsageError(
+                "migrate() was called while a migration runs in the same thread; "
+                "await it (AsyncWorkerUtils.migrate) or call migrate() outside of it"
+            )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    @asynccontextmanager
+    async def held_async(self) -> AsyncIterator[None]:
+        """Hold the lock without blocking the event loop while another migration runs."""
+        # Polled, not awaited in a thread: a cancelled wait must never leave it taken.
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(0.02)
+        self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
+
+
+#: Serialises the migrations of this process (see :class:`_MigrationLock`).
+migration_lock = _MigrationLock()
+
+
 def migrate(bind: Engine | Connection | str, schema: str = DEFAULT_SCHEMA) -> None:
     """Bring the worker schema to Node graphile-worker 0.18's (migration 20), standalone.
 
     ``bind`` is an :class:`~sqlalchemy.Engine`, a database URL, or a
     :class:`~sqlalchemy.Connection` (whose transaction is joined and left to the caller).
-    Concurrent callers are serialised by an advisory lock; running it again is a no-op.
+    Concurrent callers are serialised, threads of one process by a lock and processes by
+    an advisory lock in the database; running it again is a no-op.
     """
+    validate_schema_name(schema)
+    with migration_lock.held():
+        run_migrations(bind, schema)
+
+
+def run_migrations(bind: Engine | Connection | str, schema: str) -> None:
+    """:func:`migrate` for a caller that holds :data:`migration_lock`."""
     from alembic import command
 
-    validate_schema_name(schema)
     config = alembic_config(schema)
     with _connect(bind) as connection:
         config.attributes["connection"] = connection

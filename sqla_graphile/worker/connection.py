@@ -30,7 +30,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from ..errors import sqlstate_of, translate_db_error
+from ..errors import is_transient, translate_db_error
 from ._aio import bounded
 
 __all__ = [
@@ -44,32 +44,12 @@ __all__ = [
 
 logger = logging.getLogger("sqla_graphile.worker")
 
-# SQLSTATEs worth another try: serialisation failure, deadlock, the server starting up or
-# shutting down, too many connections, and lost connections.
-_TRANSIENT_SQLSTATES = frozenset(
-    {"40001", "40P01", "57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08006"}
-)
 # TCP keepalive: probe an idle link after 10 s, every 5 s, give up after 3 unanswered.
 _KEEPALIVE = (10, 5, 3)
 
 
 class StatementTimeout(TimeoutError):
     """A worker statement got no answer within ``statement_timeout``; its link was cut."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether another try of the statement may succeed (a lost link, a busy server…)."""
-    if isinstance(exc, (PoolTimeoutError, OSError)):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        state = sqlstate_of(exc)
-        if state is None:
-            # No SQLSTATE: the connection broke before the server answered.
-            return type(exc.orig).__name__ in ("OperationalError", "InterfaceError")
-        return state in _TRANSIENT_SQLSTATES
-    return False
 
 
 def keepalive_options(statement_timeout: float) -> dict[str, Any]:

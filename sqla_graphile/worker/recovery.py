@@ -35,13 +35,13 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._drive import drive_async
 from .._ops import Op
-from ..errors import MigrationError, sqlstate_of, translate_db_error
+from ..errors import MigrationError, is_transient, sqlstate_of, translate_db_error
 from ..hooks import Hooks, WorkerRecoveredEvent
 from ..recovery import (
     SweepResult,
@@ -128,7 +128,7 @@ class RecoveryAgent:
                 self._alive(sent)
                 break
             except (DBAPIError, PoolTimeoutError, OSError, asyncio.TimeoutError) as exc:
-                if attempt == _REGISTER_ATTEMPTS or not _is_connection_error(exc):
+                if attempt == _REGISTER_ATTEMPTS or not is_transient(exc):
                     if isinstance(exc, DBAPIError):
                         translated = self._registry_missing(exc) or translate_db_error(
                             exc, schema=self.schema
@@ -272,7 +272,7 @@ class RecoveryAgent:
                 self.worker_id,
                 self.config.sweep_interval,
                 _first_line(exc),
-                exc_info=not _is_connection_error(exc),
+                exc_info=not is_transient(exc),
             )
             return None
         if result.already_running:
@@ -391,14 +391,6 @@ def _retry_delay(failures: int, interval: float) -> float:
     """Backoff after ``failures`` failed heartbeats: short, never longer than the interval."""
     delay: float = min(interval, _FIRST_RETRY * 2.0 ** min(failures - 1, 16))
     return delay * (0.5 + random.random() / 2)
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    if isinstance(exc, (PoolTimeoutError, OSError, asyncio.TimeoutError)):
-        return True
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError)
-    return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._urls import engine_from_url, normalize_url
 from ..cron import Cron, CrontabSource, load_crontab
+from ..errors import (
+    EventLoopAlreadyRunning,
+    InvalidArgument,
+    InvalidArgumentType,
+    WorkerAlreadyRunning,
+)
 from ..hooks import Hooks
 from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
@@ -33,6 +39,22 @@ from .tasks import TaskRegistry
 __all__ = ["ForbiddenFlags", "Worker"]
 
 logger = logging.getLogger("sqla_graphile.worker")
+
+
+def _no_running_loop(method: str, twin: str) -> None:
+    """Refuse a blocking run inside a running event loop, before any coroutine exists.
+
+    ``asyncio.run`` would refuse too, but only after the coroutine was made, which then
+    warns that it was never awaited.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise EventLoopAlreadyRunning(
+        f"Worker.{method}() runs its own event loop and cannot be called inside a running "
+        f"one; use `await worker.{twin}()` instead"
+    )
 
 
 class Worker:
@@ -116,15 +138,15 @@ class Worker:
         recovery: WorkerRecoveryConfig | None = None,
     ) -> None:
         if not isinstance(bind, (Engine, AsyncEngine, str, URL)):
-            raise TypeError(
+            raise InvalidArgumentType(
                 f"Worker needs an Engine, AsyncEngine or database URL, not {type(bind).__name__}"
             )
         if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise InvalidArgument("concurrency must be at least 1")
         if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+            raise InvalidArgument("poll_interval must be positive")
         if statement_timeout <= 0:
-            raise ValueError("statement_timeout must be positive")
+            raise InvalidArgument("statement_timeout must be positive")
         self.bind = bind
         self.schema = validate_schema_name(schema)
         self.tasks = TaskRegistry.build(tasks)
@@ -138,7 +160,7 @@ class Worker:
         # The default size is also bounded by time (see the fetcher); a size given is kept.
         self._default_local_queue = local_queue_size is None
         if self.local_queue_size < 0:
-            raise ValueError("local_queue_size must be 0 or more")
+            raise InvalidArgument("local_queue_size must be 0 or more")
         self.local_queue_ttl = local_queue_ttl
         self.complete_batch_delay = complete_batch_delay
         self.fail_batch_delay = (
@@ -208,12 +230,20 @@ class Worker:
         """Work until SIGINT/SIGTERM (or :meth:`request_shutdown`); blocks.
 
         The first signal shuts down gracefully, a second forces the shutdown. Every
-        completion and failure is written before this returns.
+        completion and failure is written before this returns. It runs an event loop of
+        its own: inside a running loop (an async application, a notebook) it raises
+        :class:`~sqla_graphile.errors.EventLoopAlreadyRunning`; use :meth:`run_async`.
         """
+        _no_running_loop("run", "run_async")
         asyncio.run(self._main(once=False, handle_signals=True, private_engine=True))
 
     def run_once(self) -> None:
-        """Work until no job is runnable (running jobs' outcomes included), then return."""
+        """Work until no job is runnable (running jobs' outcomes included), then return.
+
+        Like :meth:`run` it blocks in an event loop of its own: inside a running loop use
+        :meth:`run_once_async`.
+        """
+        _no_running_loop("run_once", "run_once_async")
         asyncio.run(self._main(once=True, handle_signals=True, private_engine=True))
 
     async def run_async(self) -> None:
@@ -265,7 +295,7 @@ class Worker:
 
     async def _main(self, *, once: bool, handle_signals: bool, private_engine: bool) -> None:
         if self._runtime is not None:
-            raise RuntimeError("this worker is already running")
+            raise WorkerAlreadyRunning("this worker is already running")
         engine, owned = self._async_engine(private_engine)
         configure_engine(engine, self.statement_timeout)
         runtime = WorkerRun(self._settings(), engine, once=once)

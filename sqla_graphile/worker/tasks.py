@@ -9,14 +9,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..context import WorkerContext
-from ..cron import CRON_KEY, Cron, CrontabError
+from ..cron import CRON_KEY, Cron
+from ..errors import BatchJobError, CrontabError, InvalidArgument, InvalidArgumentType
 from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of
 
 __all__ = ["BatchFailure", "BatchJobError", "TaskRegistry", "WorkerTask", "batch_outcome"]
-
-
-class BatchJobError(Exception):
-    """A batch job could not be run or its handler's answer is unusable."""
 
 
 @dataclass(frozen=True)
@@ -118,19 +115,19 @@ class TaskRegistry(dict[str, WorkerTask]):
             elif isinstance(handler, type) and issubclass(handler, TaskHandler):
                 entry = _task_handler(handler)
             else:
-                raise TypeError(
+                raise InvalidArgumentType(
                     f"{handler!r} is not a task: pass TaskHandler or BatchTaskHandler "
                     "subclasses, or functions decorated with @task"
                 )
             if entry.identifier in registry:
-                raise ValueError(f"two tasks share the identifier {entry.identifier!r}")
+                raise InvalidArgument(f"two tasks share the identifier {entry.identifier!r}")
             if len(entry.identifier) > 128:
-                raise ValueError(
+                raise InvalidArgument(
                     f"task identifier {entry.identifier[:20]!r}… is longer than 128 characters"
                 )
             registry[entry.identifier] = entry
         if not registry:
-            raise ValueError("a worker needs at least one task")
+            raise InvalidArgument("a worker needs at least one task")
         return registry
 
     def check_crontab(self, items: Iterable[Cron]) -> None:
