@@ -69,7 +69,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from ._urls import async_engine_from_url
-from .errors import CrontabError, PayloadNotSerializable
+from .errors import CrontabError, InvalidArgument, InvalidArgumentType, PayloadNotSerializable
 from .functions import worker_functions
 from .hooks import Hooks
 from .schema import DEFAULT_SCHEMA, validate_schema_name, worker_schema
@@ -237,16 +237,17 @@ TIME_UNITS = {
 def parse_time_phrase(phrase: str) -> timedelta:
     """The duration of a time phrase such as ``4w3d2h1m`` (units ``s m h d w``).
 
-    Raises :class:`ValueError` for anything else (an empty phrase included).
+    Raises :class:`~sqla_graphile.errors.InvalidArgument` (a ``ValueError``) for anything
+    else, an empty phrase included.
     """
     if not phrase:
-        raise ValueError("empty time phrase; expected e.g. '1h' or '4w3d2h1m'")
+        raise InvalidArgument("empty time phrase; expected e.g. '1h' or '4w3d2h1m'")
     total = timedelta(0)
     position = 0
     while position < len(phrase):
         match = _TIME_PHRASE_PART.match(phrase, position)
         if not match:
-            raise ValueError(
+            raise InvalidArgument(
                 f"invalid time phrase '{phrase}': did not understand '{phrase[position:]}'"
             )
         total += int(match[1]) * TIME_UNITS[match[2]]
@@ -271,7 +272,7 @@ def format_timestamp(instant: datetime) -> str:
     For example ``2026-11-28T14:41:00.000Z`` (milliseconds, truncated, and ``Z``).
     """
     if instant.tzinfo is None:
-        raise ValueError("format_timestamp needs an aware datetime")
+        raise InvalidArgument("format_timestamp needs an aware datetime")
     utc = instant.astimezone(timezone.utc)
     return (
         f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
@@ -560,7 +561,7 @@ class Cron:
         every hour simply follow the wall clock through the change.
         """
         if instant.tzinfo is None or instant.utcoffset() is None:
-            raise ValueError("Cron.matches needs an aware datetime (for example in UTC)")
+            raise InvalidArgument("Cron.matches needs an aware datetime (for example in UTC)")
         minute = instant.astimezone(timezone.utc).replace(second=0, microsecond=0)
         schedule = self._schedule
         if self.timezone is None:
@@ -976,7 +977,7 @@ def load_crontab(value: CrontabSource) -> list[Cron]:
     items = list(value)
     for item in items:
         if not isinstance(item, Cron):
-            raise TypeError(f"a crontab list holds Cron items, not {type(item).__name__}")
+            raise InvalidArgumentType(f"a crontab list holds Cron items, not {type(item).__name__}")
     _check_unique(items)
     return items
 
@@ -1199,7 +1200,7 @@ class CronScheduler:
     def _now(self) -> datetime:
         now = self.clock()
         if now.tzinfo is None or now.utcoffset() is None:
-            raise ValueError("the cron clock must return aware datetimes")
+            raise InvalidArgument("the cron clock must return aware datetimes")
         return now.astimezone(timezone.utc)
 
     async def schedule_minute(

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, func, select, text
 from sqlalchemy.schema import CreateSchema
 
 from .._urls import engine_from_url
+from ..errors import InvalidArgument
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
 from . import _SCHEMA_OPTION, VERSION_TABLE, check_database, include_name
 
@@ -92,7 +93,7 @@ def run_standalone() -> None:
         return
     database_url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL")
     if not database_url:
-        raise RuntimeError("set DATABASE_URL (or sqlalchemy.url) to run the worker migrations")
+        raise InvalidArgument("set DATABASE_URL (or sqlalchemy.url) to run the worker migrations")
     engine = engine_from_url(database_url)
     try:
         with engine.connect() as connection:

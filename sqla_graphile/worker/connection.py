@@ -30,7 +30,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
-from ..errors import is_transient, translate_db_error
+from ..errors import InvalidArgumentType, is_transient, translate_db_error
 from ._aio import bounded
 
 __all__ = [
@@ -321,7 +321,7 @@ class HeldConnection:
             raise
         if not isinstance(raw, psycopg.AsyncConnection) or not raw.autocommit:
             await connection.close()
-            raise TypeError("the worker needs psycopg's async driver in autocommit")
+            raise InvalidArgumentType("the worker needs psycopg's async driver in autocommit")
         self._connection, self._raw, self._cursor = connection, raw, raw.cursor()
         return raw
 

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ..errors import SchemaNotMigrated
+from ..errors import InvalidArgumentType, SchemaNotMigrated
 from ..hooks import Hooks, JobEvent
 from ..job import Job
 from ._aio import Flag, bounded, wait_event
@@ -416,7 +416,7 @@ class Fetcher:
         if flags is None:
             return None
         if isinstance(flags, str):
-            raise TypeError("forbidden_flags must be a list of flags, not a string")
+            raise InvalidArgumentType("forbidden_flags must be a list of flags, not a string")
         listed = [str(flag) for flag in flags]
         return listed or None
 
