@@ -65,6 +65,7 @@ from .specs import (
     RawJobSpec,
     RescheduleJobOptions,
     check_run_at,
+    check_text,
 )
 from .tasks import (
     BatchTaskHandler,
@@ -434,7 +435,7 @@ def typed_identifier(task: object, method: str = "add_job") -> str:
             f"not {_kind(task)}; for a task identifier and a JSON payload use "
             "add_raw_job(identifier, payload)"
         )
-    return identifier
+    return check_text("the task identifier", identifier)
 
 
 def check_spec(spec: object, method: str) -> JobSpec:
@@ -452,7 +453,7 @@ def check_spec(spec: object, method: str) -> JobSpec:
 
 def _check_identifier(identifier: object, method: str) -> str:
     if isinstance(identifier, str):
-        return identifier
+        return check_text("the task identifier", identifier)
     if getattr(identifier, "IDENTIFIER", None) is not None:
         raise InvalidArgumentType(
             f"{method} takes a task identifier (a string), not {_kind(identifier)}; "

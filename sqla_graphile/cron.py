@@ -73,7 +73,7 @@ from .errors import CrontabError, InvalidArgument, InvalidArgumentType, PayloadN
 from .functions import worker_functions
 from .hooks import Hooks
 from .schema import DEFAULT_SCHEMA, validate_schema_name, worker_schema
-from .specs import JobKeyMode
+from .specs import JobKeyMode, unstorable
 from .tasks import encode_json_value
 
 __all__ = [
@@ -291,22 +291,6 @@ def _zone(value: str | ZoneInfo | None, where: str, line: int | None) -> ZoneInf
         ) from None
 
 
-def _unstorable(what: str, text: str) -> str | None:
-    """Why PostgreSQL could not store ``text`` (called ``what``), or ``None``.
-
-    Its text type refuses NUL, and UTF-8 (the connection's encoding) cannot hold a lone
-    surrogate.
-    """
-    if "\0" in text:
-        return f"the {what} contains a NUL character (\\u0000), which PostgreSQL cannot store"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"the {what} contains a lone surrogate, which PostgreSQL cannot store"
-    return None
-
-
 # -- a cron job's stamp ----------------------------------------------------------------
 
 
@@ -468,7 +452,7 @@ class Cron:
             ("queue", "queue name", queue),
             ("jobKey", "job key", job_key),
         ):
-            if value is not None and (problem := _unstorable(what, value)):
+            if value is not None and (problem := unstorable(f"the {what}", value)):
                 raise fail(name, problem)
         mode: str | None
         if job_key_mode is None:
@@ -491,8 +475,6 @@ class Cron:
             encoded = encode_json_value(dict(payload))
         except PayloadNotSerializable as exc:
             raise fail("payload", str(exc)) from None
-        if problem := _unstorable("payload", encoded):
-            raise fail("payload", problem)
         payload_dict: dict[str, Any] = json.loads(encoded)
 
         set_ = object.__setattr__

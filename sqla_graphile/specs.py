@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .errors import InvalidJobSpec, InvalidMaxAttempts, ValueOutOfRange
+from .errors import InvalidCharacter, InvalidJobSpec, InvalidMaxAttempts, ValueOutOfRange
 
 __all__ = [
     "RUN_AT_RANGE",
@@ -87,6 +87,12 @@ class JobSpec:
             raise InvalidJobSpec(_wrong_type("JobSpec.queue_name", "a string", self.queue_name))
         if not (self.job_key is None or isinstance(self.job_key, str)):
             raise InvalidJobSpec(_wrong_type("JobSpec.job_key", "a string", self.job_key))
+        for field, text in (
+            ("JobSpec.queue_name", self.queue_name),
+            ("JobSpec.job_key", self.job_key),
+        ):
+            if text is not None:
+                check_text(field, text)
         if self.max_attempts is not None:
             object.__setattr__(
                 self, "max_attempts", _max_attempts("JobSpec.max_attempts", self.max_attempts)
@@ -101,6 +107,29 @@ class JobSpec:
         """The key mode as the SQL function expects it (``None`` means replace)."""
         mode = self.job_key_mode
         return mode.value if isinstance(mode, JobKeyMode) else mode
+
+
+def unstorable(what: str, text: str) -> str | None:
+    """Why PostgreSQL could not store ``text`` (called ``what``), or ``None``.
+
+    Its text type refuses NUL, and UTF-8 (the connection's encoding) cannot hold a lone
+    surrogate. Checked before anything is sent, so a refused value aborts no transaction.
+    """
+    if "\0" in text:
+        return f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{what} contains a lone surrogate, which PostgreSQL cannot store"
+    return None
+
+
+def check_text(what: str, text: str) -> str:
+    """``text`` if PostgreSQL can store it; else :class:`InvalidCharacter`."""
+    if (problem := unstorable(what, text)) is not None:
+        raise InvalidCharacter(problem)
+    return text
 
 
 def _wrong_type(field: str, expected: str, value: object) -> str:
@@ -163,6 +192,7 @@ def _flag_list(flags: object) -> tuple[str, ...]:
     for flag in listed:
         if not isinstance(flag, str):
             raise InvalidJobSpec(f"JobSpec.flags must hold strings, not {type(flag).__name__}")
+        check_text("JobSpec.flags", flag)
     return listed
 
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .errors import InvalidArgument, InvalidArgumentType, PayloadNotSerializable
+from .specs import unstorable
 
 if TYPE_CHECKING:
     from .context import WorkerContext
@@ -129,6 +130,8 @@ def _encode(value: Any) -> str:
         raise PayloadNotSerializable(f"the payload cannot be encoded as JSON: {exc}") from exc
     if "\\u0000" in text and _REAL_NUL.search(text):
         raise PayloadNotSerializable("the payload contains a NUL character (\\u0000)")
+    if not text.isascii() and (problem := unstorable("the payload", text)) is not None:
+        raise PayloadNotSerializable(problem)
     return text
 
 

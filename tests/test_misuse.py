@@ -39,10 +39,12 @@ from sqla_graphile import (
     EventLoopAlreadyRunning,
     GraphileWorkerError,
     InvalidArgumentType,
+    InvalidCharacter,
     InvalidJobSpec,
     InvalidMaxAttempts,
     JobKeyLocked,
     JobSpec,
+    PayloadNotSerializable,
     RawJobSpec,
     RescheduleJobOptions,
     UsageError,
@@ -243,19 +245,50 @@ def test_the_edges_of_the_range_are_accepted(engine: Engine, schema: str) -> Non
     assert (high.run_at, high.priority, high.max_attempts) == (latest, 32767, 32767)
 
 
+#: Adds refused before anything is sent: (identifier, payload, spec factory, error).
+REFUSED_ADDS = [
+    pytest.param(
+        "t",
+        {},
+        lambda: JobSpec(run_at=datetime(1, 1, 1, tzinfo=PLUS_5)),
+        ValueOutOfRange,
+        id="run_at",
+    ),
+    pytest.param("t\0", {}, JobSpec, InvalidCharacter, id="identifier-nul"),
+    pytest.param("t\ud800", {}, JobSpec, InvalidCharacter, id="identifier-surrogate"),
+    pytest.param("t", {"a": "x\ud800"}, JobSpec, PayloadNotSerializable, id="payload-surrogate"),
+    pytest.param("t", {}, lambda: JobSpec(job_key="k\0"), InvalidCharacter, id="key-nul"),
+    pytest.param(
+        "t", {}, lambda: JobSpec(queue_name="q\udfff"), InvalidCharacter, id="queue-surrogate"
+    ),
+    pytest.param("t", {}, lambda: JobSpec(flags=["f\0"]), InvalidCharacter, id="flag-nul"),
+]
+
+
 @pytest.mark.parametrize(("kind", "driver"), kind_driver_params(CALLER_KINDS))
 @pytest.mark.parametrize("batch", [False, True], ids=["add_raw_job", "add_raw_jobs"])
+@pytest.mark.parametrize(("identifier", "payload", "make_spec", "error"), REFUSED_ADDS)
 async def test_a_refused_add_leaves_nothing_even_when_the_caller_commits(
-    binds: BindFactory, engine: Engine, schema: str, kind: str, driver: str, batch: bool
+    binds: BindFactory,
+    engine: Engine,
+    schema: str,
+    kind: str,
+    driver: str,
+    batch: bool,
+    identifier: str,
+    payload: Any,
+    make_spec: Callable[[], JobSpec],
+    error: type[Exception],
 ) -> None:
     tx = await binds.open(kind, driver)
     await call(tx.business("before"))
-    with pytest.raises(ValueOutOfRange):
-        spec = JobSpec(run_at=datetime(1, 1, 1, tzinfo=PLUS_5))
+    with pytest.raises(error):
+        spec = make_spec()
         if batch:
-            await call(tx.utils.add_raw_jobs([RawJobSpec("t", {}), RawJobSpec("t", {}, spec)]))
+            jobs = [RawJobSpec("t", {}), RawJobSpec(identifier, payload, spec)]
+            await call(tx.utils.add_raw_jobs(jobs))
         else:
-            await tx.add("t", {}, spec)
+            await tx.add(identifier, payload, spec)
     await call(tx.business("after"))  # the transaction is still usable
     await call(tx.commit())
     assert job_rows(engine, schema) == []
