@@ -56,7 +56,7 @@ from .errors import (
 from .functions import WorkerFunctions, worker_functions
 from .hooks import Hooks
 from .job import Job
-from .schema import WorkerSchema, worker_schema
+from .schema import WorkerSchema, literal_sql, worker_schema
 from .specs import (
     DEFAULT_SPEC,
     CleanupTask,
@@ -169,7 +169,7 @@ class _Statements:
         self.queue_names = select(queues.c.id, queues.c.queue_name).where(
             queues.c.id == func.any(bindparam("ids", type_=ARRAY(Integer)))
         )
-        self.analyze = text(f"analyze {schema.quoted_name}._private_jobs")
+        self.analyze = literal_sql(f"analyze {schema.quoted_name}._private_jobs")
         self.delete_permanently_failed = delete(jobs).where(
             jobs.c.attempts >= jobs.c.max_attempts, jobs.c.locked_at.is_(None)
         )

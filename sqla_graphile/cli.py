@@ -28,7 +28,9 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import column as sa_column
+from sqlalchemy import table as sa_table
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ._admin import JobState
@@ -528,7 +530,9 @@ def _schema_version(engine: Engine, schema: str) -> _SchemaVersion:
         table = f"{quote_schema(schema)}.{VERSION_TABLE}"
         revisions: tuple[str, ...] = ()
         if ledger.schema_exists and connection.scalar(select(func.to_regclass(table))):
-            revisions = tuple(sorted(connection.scalars(text(f"select version_num from {table}"))))
+            # Built with Core: the schema name is data here, never SQL text to parse.
+            versions = sa_table(VERSION_TABLE, sa_column("version_num"), schema=schema)
+            revisions = tuple(sorted(connection.scalars(select(versions.c.version_num))))
     return _SchemaVersion(ledger.highest, revisions)
 
 

@@ -56,7 +56,7 @@ from .context import WorkerContext
 from .hooks import Hooks, JobCompleteEvent, JobFailEvent
 from .migrations import migrate
 from .progress import Progress
-from .schema import DEFAULT_SCHEMA, quote_schema, worker_schema
+from .schema import DEFAULT_SCHEMA, literal_sql, quote_schema, worker_schema
 from .specs import JobSpec, RescheduleJobOptions
 from .tasks import FunctionTask, TaskHandler, task
 from .utils import WorkerUtils
@@ -263,7 +263,8 @@ class _Leftovers:
         connection.execute(delete(DemoOrder).where(DemoOrder.run_id == result.run_id))
 
     def _drop_schema(self, connection: Connection, result: DemoResult) -> None:
-        connection.execute(text(f"drop schema if exists {quote_schema(self.schema)} cascade"))
+        drop = f"drop schema if exists {quote_schema(self.schema)} cascade"
+        connection.execute(literal_sql(drop))
 
     def _delete_jobs(self, connection: Connection, result: DemoResult) -> None:
         tables = worker_schema(self.schema)

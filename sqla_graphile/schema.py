@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.types import UserDefinedType
 
 from .errors import InvalidSchemaName
@@ -48,6 +49,7 @@ __all__ = [
     "JobSpecType",
     "WorkerSchema",
     "jobs",
+    "literal_sql",
     "migrations",
     "private_job_queues",
     "private_jobs",
@@ -102,6 +104,15 @@ def validate_schema_name(name: str) -> str:
 def quote_schema(name: str) -> str:
     """Return ``name`` quoted as a PostgreSQL identifier by SQLAlchemy's preparer."""
     return str(_PG_DIALECT.identifier_preparer.quote_identifier(validate_schema_name(name)))
+
+
+def literal_sql(statement: str) -> TextClause:
+    """``text(statement)`` for SQL that has no parameters.
+
+    A colon in it (in a quoted schema name, say) is kept as written, never taken for a
+    bind parameter.
+    """
+    return text(statement.replace(":", "\\:"))
 
 
 class JobSpecType(UserDefinedType[Any]):

@@ -30,7 +30,7 @@ from sqla_graphile.migrations import (
     current_schema,
     notify_migration,
 )
-from sqla_graphile.schema import quote_schema, worker_schema
+from sqla_graphile.schema import literal_sql, quote_schema, worker_schema
 
 revision: str = "graphile_worker_0001"
 down_revision: str | Sequence[str] | None = None
@@ -534,7 +534,7 @@ def _do(body: str, quoted: str) -> None:
     """Emit a PL/pgSQL ``DO`` block running ``body``."""
     tag = _dollar_tag(quoted)
     # Colons are escaped so that text() sees no bind parameters.
-    op.execute(text(f"do {tag} begin {body} end {tag}".replace(":", "\\:")))
+    op.execute(literal_sql(f"do {tag} begin {body} end {tag}"))
 
 
 def _sql_literal(value: str) -> str:

@@ -19,7 +19,7 @@ from alembic import op
 from sqlalchemy import text
 
 from sqla_graphile.migrations import current_schema
-from sqla_graphile.schema import quote_schema
+from sqla_graphile.schema import literal_sql, quote_schema
 
 revision: str = "graphile_worker_0002"
 down_revision: str | Sequence[str] | None = "graphile_worker_0001"
@@ -53,4 +53,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     quoted = quote_schema(current_schema())
-    op.execute(text(f"drop table if exists {quoted}._sqla_graphile_workers".replace(":", "\\:")))
+    op.execute(literal_sql(f"drop table if exists {quoted}._sqla_graphile_workers"))
