@@ -21,6 +21,7 @@ __all__ = [
     "InvalidSchemaName",
     "JobScheduleFailed",
     "JobScheduleSkipped",
+    "JobTimedOut",
     "LedgerTooOld",
     "MigrationError",
     "NotSchemaOwner",
@@ -144,6 +145,19 @@ class JobScheduleSkipped(GraphileWorkerError):
 
 class JobScheduleFailed(GraphileWorkerError):
     """A ``before_job_schedule`` hook failed the job; nothing was written."""
+
+
+class JobTimedOut(GraphileWorkerError):
+    """A job ran past its time limit; the worker failed it with this error.
+
+    The limit is the task's ``timeout``, else the worker's ``job_timeout``; ``timeout``
+    holds it in seconds. Observers see this as ``JobFailEvent.exception`` and
+    ``AfterJobRunContext.error``.
+    """
+
+    def __init__(self, message: str, timeout: float) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 _CONSTRAINT_ERRORS: dict[str, tuple[type[InvalidJobSpec], str]] = {

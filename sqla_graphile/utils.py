@@ -50,7 +50,7 @@ from .recovery import (
 )
 from .schema import DEFAULT_SCHEMA, validate_schema_name
 from .specs import CleanupTask, JobSpec, RawJobSpec, RescheduleJobOptions
-from .tasks import TaskHandler, identifier_of
+from .tasks import TaskHandler, batch_spec, identifier_of, typed_jobs, with_task_defaults
 
 __all__ = ["AsyncWorkerUtils", "WorkerUtils"]
 
@@ -59,12 +59,6 @@ _DEFAULT_THRESHOLD = WorkerRecoveryConfig().sweep_threshold
 _T = TypeVar("_T")
 _Bind = TypeVar("_Bind")
 _U = TypeVar("_U", bound="_UtilsBase[Any]")
-
-
-def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJobSpec]:
-    return [
-        RawJobSpec(identifier_of(instance), instance, spec or JobSpec()) for instance, spec in jobs
-    ]
 
 
 class _UtilsBase(Generic[_Bind]):
@@ -181,24 +175,37 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
     # -- adding jobs --------------------------------------------------------------
 
     def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
-        """Enqueue a typed task: identifier from its class, payload from the instance."""
+        """Enqueue a typed task: identifier from its class, payload from the instance.
+
+        Fields ``spec`` leaves unset take the task class's defaults (``QUEUE_NAME`` …).
+        """
+        spec = with_task_defaults(type(task), spec)
         return self._run(self.ops.add_job(identifier_of(task), task, spec))
 
     def add_raw_job(self, identifier: str, payload: Any = None, spec: JobSpec | None = None) -> Job:
-        """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``)."""
+        """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``).
+
+        No task's defaults apply: only ``spec`` and the database's defaults.
+        """
         return self._run(self.ops.add_job(identifier, payload, spec))
 
     def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
-        """Enqueue typed tasks in one statement; ``[]`` without touching the database."""
-        return self._run(self.ops.add_jobs(_typed_jobs(jobs)))
+        """Enqueue typed tasks in one statement; ``[]`` without touching the database.
+
+        Each job's unset fields take its task class's defaults, as in :meth:`add_job`.
+        """
+        return self._run(self.ops.add_jobs(typed_jobs(jobs)))
 
     def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """Enqueue jobs of any identifiers in one statement."""
         return self._run(self.ops.add_jobs(list(jobs)))
 
     def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
-        """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's)."""
-        return self._run(self.ops.add_batch_job(items, spec))
+        """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's).
+
+        Fields ``spec`` leaves unset take the batch task class's defaults.
+        """
+        return self._run(self.ops.add_batch_job(items, batch_spec(items, spec)))
 
     # -- administration -----------------------------------------------------------
 
@@ -331,6 +338,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_job`."""
+        spec = with_task_defaults(type(task), spec)
         return await self._run(self.ops.add_job(identifier_of(task), task, spec))
 
     async def add_raw_job(
@@ -341,7 +349,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
         """See :meth:`WorkerUtils.add_jobs`."""
-        return await self._run(self.ops.add_jobs(_typed_jobs(jobs)))
+        return await self._run(self.ops.add_jobs(typed_jobs(jobs)))
 
     async def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """See :meth:`WorkerUtils.add_raw_jobs`."""
@@ -349,7 +357,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_batch_job`."""
-        return await self._run(self.ops.add_batch_job(items, spec))
+        return await self._run(self.ops.add_batch_job(items, batch_spec(items, spec)))
 
     async def remove_job(self, job_key: str) -> Job | None:
         """See :meth:`WorkerUtils.remove_job`."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..context import WorkerContext
 from ..cron import CRON_KEY, Cron, CrontabError
-from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of
+from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of, task_timeout
 
 __all__ = ["BatchFailure", "BatchJobError", "TaskRegistry", "WorkerTask", "batch_outcome"]
 
@@ -39,6 +39,8 @@ class WorkerTask:
     is_batch: bool
     decode: Callable[[Any], Any] | None = None
     """What the handler receives for a payload, for typed tasks (``None``: the JSON)."""
+    timeout: float | None = None
+    """The task's own time limit in seconds (``None``: the worker's ``job_timeout``)."""
 
 
 def _without_cron(payload: Any) -> Any:
@@ -59,7 +61,7 @@ def _task_handler(cls: type[TaskHandler]) -> WorkerTask:
         return cls.from_payload(_without_cron(payload)).run(ctx)
 
     is_async = inspect.iscoroutinefunction(cls.run)
-    return WorkerTask(identifier_of(cls), invoke, is_async, False, decode)
+    return WorkerTask(identifier_of(cls), invoke, is_async, False, decode, task_timeout(cls))
 
 
 def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
@@ -69,7 +71,7 @@ def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
         def call(payload: Any, ctx: WorkerContext) -> Any:
             return fn.fn(payload, ctx)
 
-        return WorkerTask(fn.IDENTIFIER, call, is_async, False)
+        return WorkerTask(fn.IDENTIFIER, call, is_async, False, timeout=fn.timeout)
 
     def decode(payload: Any) -> Any:
         return fn.decode(_without_cron(payload))
@@ -77,7 +79,7 @@ def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
     def invoke(payload: Any, ctx: WorkerContext) -> Any:
         return fn.fn(fn.decode(_without_cron(payload)), ctx)
 
-    return WorkerTask(fn.IDENTIFIER, invoke, is_async, False, decode)
+    return WorkerTask(fn.IDENTIFIER, invoke, is_async, False, decode, fn.timeout)
 
 
 def _batch_task(cls: type[BatchTaskHandler]) -> WorkerTask:
@@ -92,7 +94,7 @@ def _batch_task(cls: type[BatchTaskHandler]) -> WorkerTask:
         return cls.run_batch(decode(payload), ctx)
 
     is_async = inspect.iscoroutinefunction(cls.run_batch)
-    return WorkerTask(identifier_of(cls), invoke, is_async, True, decode)
+    return WorkerTask(identifier_of(cls), invoke, is_async, True, decode, task_timeout(cls))
 
 
 def _json_kind(value: Any) -> str:
