@@ -734,6 +734,11 @@ def stats(state: _State) -> None:
     type=DURATION,
     help="Time limit of each worker statement; past it the link is cut and retried (30s).",
 )
+@click.option(
+    "--job-timeout",
+    type=DURATION,
+    help="Time limit of each job whose task sets no timeout; past it the job fails (none).",
+)
 @click.option("--progress-interval", type=DURATION, default="5s", show_default=True)
 @_pass_state
 def run(
@@ -747,6 +752,7 @@ def run(
     once: bool,
     recovery: bool | None,
     statement_timeout: timedelta | None,
+    job_timeout: timedelta | None,
     progress_interval: timedelta,
 ) -> None:
     """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully)."""
@@ -787,6 +793,7 @@ def run(
             poll_interval=poll_interval.total_seconds(),
             hooks=hooks,
             crontab=crontab,
+            job_timeout=job_timeout,
             **options,
         )
     except CrontabError as exc:

@@ -9,9 +9,13 @@ short (a fraction of a second); nothing here measures how long anything took.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -204,3 +208,46 @@ def test_bad_time_limits_are_refused(engine: Engine, schema: str, value: Any) ->
 
     with pytest.raises(ValueError, match=r"Bad\.TIMEOUT"):
         Worker(engine, [Bad], schema=schema)
+
+
+CLI_TASKS = """
+import asyncio
+
+from sqla_graphile import task
+
+
+@task("nap")
+async def nap(payload, ctx):
+    await asyncio.sleep(60)
+"""
+
+
+def cli(database_url: str, schema: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PYTHONPATH")}
+    command = [sys.executable, "-m", "sqla_graphile", "--database-url", database_url]
+    command += ["--schema", schema, "run", "--tasks", "cli_nap_tasks", "--once", *args]
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_run_job_timeout(
+    engine: Engine, database_url: str, schema: str, utils: WorkerUtils, tmp_path: Path
+) -> None:
+    (tmp_path / "cli_nap_tasks.py").write_text(CLI_TASKS, encoding="utf-8")
+    utils.add_raw_job("nap", {})
+    refused = cli(database_url, schema, tmp_path, "--job-timeout", "0s")
+    assert refused.returncode != 0
+    assert "job_timeout must be a positive, finite time, not 0 s" in refused.stderr
+    assert only_row(engine, schema)["attempts"] == 0  # nothing ran
+
+    result = cli(database_url, schema, tmp_path, "--job-timeout", "300ms")
+    assert result.returncode == 0, result.stderr
+    row = only_row(engine, schema)
+    assert row["last_error"] == "Job timed out after 0.3 s (the worker's job_timeout)"
+    assert row["attempts"] == 1
