@@ -1070,6 +1070,11 @@ def stats(state: _State) -> None:
     type=POSITIVE_DURATION,
     help="Time limit of each worker statement; past it the link is cut and retried (30s).",
 )
+@click.option(
+    "--job-timeout",
+    type=POSITIVE_DURATION,
+    help="Time limit of each job whose task sets no timeout; past it the job fails (none).",
+)
 @click.option("--progress-interval", type=POSITIVE_DURATION, default="5s", show_default=True)
 @_pass_state
 def run(
@@ -1086,6 +1091,7 @@ def run(
     once: bool,
     recovery: bool | None,
     statement_timeout: timedelta | None,
+    job_timeout: timedelta | None,
     progress_interval: timedelta,
 ) -> None:
     """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully).
@@ -1137,6 +1143,7 @@ def run(
             listen=listen,
             hooks=hooks,
             crontab=crontab,
+            job_timeout=job_timeout,
             **options,
         )
     except CrontabError as exc:

@@ -17,7 +17,7 @@ __all__ = ["CancellationSignal", "WorkerContext"]
 
 
 class CancellationSignal:
-    """Set when the worker wants the running job to stop (shutdown grace period over).
+    """Set when the worker wants the running job to stop (shutdown, fence, time limit).
 
     Threads poll :attr:`is_set` or block in :meth:`wait`; coroutines ``await``
     :meth:`wait_async`. Async handlers are also cancelled with ``CancelledError``.
@@ -88,7 +88,7 @@ class WorkerContext:
     utils: WorkerUtils
     """Job management bound to the worker's engine (each call its own transaction)."""
     cancellation: CancellationSignal
-    """Set when the worker asks the job to stop."""
+    """Set when the worker asks the job to stop (shutdown, fence, or its time limit)."""
     async_utils: AsyncWorkerUtils | None
     """Job management on the worker's async engine, for ``async def`` handlers."""
 

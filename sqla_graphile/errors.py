@@ -21,6 +21,7 @@ hierarchy:
     ├── JobScheduleSkipped            a before_job_schedule hook skipped the job
     ├── JobScheduleFailed             a before_job_schedule hook refused the job
     ├── JobKeyLocked                  a keyed add lost every race with workers
+    ├── JobTimedOut                   a job ran past its time limit (the worker failed it)
     ├── BatchJobError                 a batch job cannot be run as a batch
     ├── NotSchemaOwner                the role may not use the worker schema
     └── MigrationError                the worker schema cannot be used or migrated
@@ -61,6 +62,7 @@ __all__ = [
     "JobKeyLocked",
     "JobScheduleFailed",
     "JobScheduleSkipped",
+    "JobTimedOut",
     "LedgerTooOld",
     "MigrationError",
     "NotSchemaOwner",
@@ -234,6 +236,19 @@ class JobScheduleSkipped(GraphileWorkerError):
 
 class JobScheduleFailed(GraphileWorkerError):
     """A ``before_job_schedule`` hook failed the job; nothing was written."""
+
+
+class JobTimedOut(GraphileWorkerError):
+    """A job ran past its time limit; the worker failed it with this error.
+
+    The limit is the task's ``timeout``, else the worker's ``job_timeout``; ``timeout``
+    holds it in seconds. Observers see this as ``JobFailEvent.exception`` and
+    ``AfterJobRunContext.error``.
+    """
+
+    def __init__(self, message: str, timeout: float) -> None:
+        super().__init__(message)
+        self.timeout = timeout
 
 
 class JobKeyLocked(GraphileWorkerError):

@@ -43,7 +43,7 @@ from .recovery import (
 )
 from .schema import DEFAULT_SCHEMA, validate_schema_name
 from .specs import CleanupTask, JobSpec, RawJobSpec, RescheduleJobOptions
-from .tasks import TaskHandler
+from .tasks import TaskHandler, batch_spec, typed_jobs, with_task_defaults
 
 __all__ = ["AsyncWorkerUtils", "WorkerUtils"]
 
@@ -55,7 +55,8 @@ _U = TypeVar("_U", bound="_UtilsBase[Any]")
 
 
 def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJobSpec]:
-    typed = []
+    """Typed (task, spec) pairs, misuse named, as raw jobs completed with task defaults."""
+    checked: list[tuple[TaskHandler, JobSpec | None]] = []
     for pair in jobs:
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise InvalidArgumentType(
@@ -63,9 +64,9 @@ def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJ
                 "add_jobs([(task, None), (task, JobSpec(...))])"
             )
         instance, spec = pair
-        identifier = typed_identifier(instance, "add_jobs")
-        typed.append(RawJobSpec(identifier, instance, check_spec(spec, "add_jobs")))
-    return typed
+        typed_identifier(instance, "add_jobs")
+        checked.append((instance, check_spec(spec, "add_jobs")))
+    return typed_jobs(checked)
 
 
 def _options(options: RescheduleJobOptions | None) -> RescheduleJobOptions:
@@ -191,15 +192,24 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
         ``task`` is a ``TaskHandler`` instance and ``spec`` a ``JobSpec``; anything else
         (an identifier string, a dict of options) raises
         :class:`~sqla_graphile.errors.InvalidArgumentType` naming the call that fits.
+        Fields ``spec`` leaves unset take the task class's defaults (``QUEUE_NAME`` …).
         """
-        return self._run(self.ops.add_job(typed_identifier(task), task, spec, "add_job"))
+        identifier = typed_identifier(task, "add_job")
+        spec = with_task_defaults(type(task), check_spec(spec, "add_job"))
+        return self._run(self.ops.add_job(identifier, task, spec, "add_job"))
 
     def add_raw_job(self, identifier: str, payload: Any = None, spec: JobSpec | None = None) -> Job:
-        """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``)."""
+        """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``).
+
+        No task's defaults apply: only ``spec`` and the database's defaults.
+        """
         return self._run(self.ops.add_job(identifier, payload, spec))
 
     def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
-        """Enqueue typed tasks in one statement; ``[]`` without touching the database."""
+        """Enqueue typed tasks in one statement; ``[]`` without touching the database.
+
+        Each job's unset fields take its task class's defaults, as in :meth:`add_job`.
+        """
         return self._run(self.ops.add_jobs(_typed_jobs(jobs)))
 
     def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
@@ -207,8 +217,13 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
         return self._run(self.ops.add_jobs(check_raw_jobs(jobs)))
 
     def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
-        """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's)."""
-        return self._run(self.ops.add_batch_job(items, spec))
+        """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's).
+
+        Fields ``spec`` leaves unset take the batch task class's defaults.
+        """
+        return self._run(
+            self.ops.add_batch_job(items, batch_spec(items, check_spec(spec, "add_batch_job")))
+        )
 
     # -- administration -----------------------------------------------------------
 
@@ -349,7 +364,9 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_job`."""
-        return await self._run(self.ops.add_job(typed_identifier(task), task, spec, "add_job"))
+        identifier = typed_identifier(task, "add_job")
+        spec = with_task_defaults(type(task), check_spec(spec, "add_job"))
+        return await self._run(self.ops.add_job(identifier, task, spec, "add_job"))
 
     async def add_raw_job(
         self, identifier: str, payload: Any = None, spec: JobSpec | None = None
@@ -367,7 +384,9 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
 
     async def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_batch_job`."""
-        return await self._run(self.ops.add_batch_job(items, spec))
+        return await self._run(
+            self.ops.add_batch_job(items, batch_spec(items, check_spec(spec, "add_batch_job")))
+        )
 
     async def remove_job(self, job_key: str) -> Job | None:
         """See :meth:`WorkerUtils.remove_job`."""

@@ -4,6 +4,12 @@ Every job takes one way: :meth:`Executor.start` launches its handler (behind the
 interceptors when there are any), and :meth:`Executor._end` frees its slot and hands the
 outcome to the writer. Nothing a handler raises, ``KeyboardInterrupt`` and ``SystemExit``
 included, escapes into the worker: it fails that job and no other.
+
+A job with a time limit (its task's ``timeout`` or the worker's ``job_timeout``) that
+reaches it ends there, failed with :class:`~sqla_graphile.errors.JobTimedOut`: its
+``async def`` handler is cancelled, its ``def`` handler signalled through
+``ctx.cancellation``. Until the handler really returns it keeps its slot (and thread),
+so the worker never runs more than ``concurrency`` handlers; what it returns is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
+import itertools
 import logging
 import os
 import time
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..context import CancellationSignal, WorkerContext
+from ..errors import JobTimedOut
 from ..hooks import (
     UNCHANGED,
     AfterJobRunContext,
@@ -64,6 +72,20 @@ class Running:
     """The worker cancelled the handler (shutdown or fence)."""
     abandoned: bool = False
     """No longer ours to end: failed by the shutdown, or dropped by a fence."""
+    done: Done | None = None
+    """Where the handler's end goes (``done(record, result, error)``), once."""
+    in_handler: bool = False
+    """The handler was launched and has not returned yet."""
+    timeout: float | None = None
+    """The job's time limit in seconds, if it has one."""
+    signal: CancellationSignal | None = None
+    """The job's own ``ctx.cancellation`` (jobs with a time limit), else the shared one."""
+    timer: asyncio.TimerHandle | None = None
+    """Fires at the time limit."""
+    timed_out: bool = False
+    """The job reached its time limit and was failed there."""
+    overtime_key: int | None = None
+    """While a timed-out job's handler still runs: its key in ``Executor.running``."""
 
 
 class HookFailure(Exception):
@@ -101,6 +123,7 @@ class Executor:
         tasks: TaskRegistry,
         concurrency: int,
         grace: float,
+        job_timeout: float | None = None,
         hooks: Hooks,
         worker_id: str,
         writer: OutcomeWriter,
@@ -111,6 +134,7 @@ class Executor:
         self.tasks = tasks
         self.concurrency = concurrency
         self.grace = grace
+        self.job_timeout = job_timeout
         self.hooks = hooks
         self.worker_id = worker_id
         self.writer = writer
@@ -119,6 +143,9 @@ class Executor:
         self.on_slot_free = on_slot_free
         self.loop = asyncio.get_running_loop()
         self.running: dict[int, Running] = {}
+        """Every job holding a slot, by id; a timed-out job whose handler still runs is
+        kept under a negative key of its own (its id may be fetched again meanwhile)."""
+        self._overtime_keys = itertools.count(-1, -1)
         self.cancellation = CancellationSignal()
         self.threads = HandlerThreads(concurrency, "sqla_graphile-handler")
         self.all_sync = not any(entry.is_async for entry in tasks.values())
@@ -152,7 +179,7 @@ class Executor:
 
     def job_ids(self) -> set[int]:
         """The ids of the jobs running (or waiting for a thread)."""
-        return set(self.running)
+        return {key for key in self.running if key > 0}
 
     # -- starting -----------------------------------------------------------------------
 
@@ -165,24 +192,36 @@ class Executor:
         else:
             self._launch(record, job.payload, self._handler_returned, takeable=True)
 
-    def _context(self, job: Job) -> WorkerContext:
+    def _context(self, record: Running, limit: float | None) -> WorkerContext:
+        cancellation = self.cancellation
+        if limit is not None:
+            # A job that can time out gets a signal of its own: its limit asks it alone.
+            record.timeout = limit
+            signal = record.signal = CancellationSignal()
+            if cancellation.is_set:
+                signal.set()
+            cancellation = signal
         return WorkerContext(
-            job, self.worker_id, None, self.utils, self.cancellation, self.async_utils
+            record.job, self.worker_id, None, self.utils, cancellation, self.async_utils
         )
 
     def _launch(self, record: Running, payload: Any, done: Done, *, takeable: bool) -> None:
         """Start the handler; ``done(record, result, error)`` is called once it ends."""
+        record.done = done
+        record.in_handler = True
         entry = self.tasks.get(record.job.task_identifier)
         if entry is None:  # a task row renamed under us; never expected
             error = LookupError(f"no handler for task {record.job.task_identifier!r}")
-            self.loop.call_soon(done, record, None, error)
+            self.loop.call_soon(self._handler_ended, record, None, error)
             return
-        ctx = self._context(record.job)
+        limit = entry.timeout if entry.timeout is not None else self.job_timeout
+        ctx = self._context(record, limit)
         if not entry.is_async:
+            # The limit counts from the moment a thread starts the handler (see there).
             self.threads.call(
                 self._run_in_thread,
                 (record, entry, payload, ctx),
-                functools.partial(done, record),
+                functools.partial(self._handler_ended, record),
                 takeable=takeable,
             )
             return
@@ -190,10 +229,12 @@ class Executor:
             coroutine = entry.invoke(payload, ctx)
         except Exception as exc:
             # Not now: the caller may be filling slots, which the outcome would re-enter.
-            self.loop.call_soon(done, record, None, exc)
+            self.loop.call_soon(self._handler_ended, record, None, exc)
             return
         handler = record.handler = asyncio.ensure_future(_guarded(coroutine))
-        handler.add_done_callback(functools.partial(self._handler_done, record, done))
+        handler.add_done_callback(functools.partial(self._handler_done, record))
+        if limit is not None:
+            record.timer = self.loop.call_later(limit, self._time_out, record)
 
     def _run_in_thread(
         self, record: Running, entry: WorkerTask, payload: Any, ctx: WorkerContext
@@ -205,6 +246,11 @@ class Executor:
         The wait ends when the awaitable does, or when the worker has gone.
         """
         record.started = time.monotonic()  # it may have waited for a thread
+        if record.timeout is not None:
+            try:
+                self.loop.call_soon_threadsafe(self._arm, record)
+            except RuntimeError:  # the loop is closed: the worker is gone
+                raise ShutdownFailure("the worker stopped before the job started") from None
         result = entry.invoke(payload, ctx)
         if result is None or not inspect.isawaitable(result):
             return result
@@ -221,14 +267,66 @@ class Executor:
         record.handler = asyncio.ensure_future(_guarded(awaitable))
         return await record.handler
 
-    def _handler_done(self, record: Running, done: Done, handler: asyncio.Future[Any]) -> None:
+    def _handler_done(self, record: Running, handler: asyncio.Future[Any]) -> None:
         if handler.cancelled():
             error: BaseException | None = asyncio.CancelledError()
             result = None
         else:
             error = handler.exception()
             result = None if error is not None else handler.result()
-        done(record, result, error)
+        self._handler_ended(record, result, error)
+
+    def _handler_ended(self, record: Running, result: Any, error: BaseException | None) -> None:
+        """The handler returned (or raised): its end goes on, unless its limit came first."""
+        record.in_handler = False
+        if record.timer is not None:
+            record.timer.cancel()
+            record.timer = None
+        if not record.timed_out:
+            assert record.done is not None
+            record.done(record, result, error)
+            return
+        # The job was failed at its time limit; its handler has ended at last, and what it
+        # returned is dropped. Its slot, held meanwhile, is free now.
+        logger.info(
+            "job %d (%s) ended %.1f s after its time limit; it had been failed then",
+            record.job.id,
+            record.job.task_identifier,
+            max(0.0, time.monotonic() - record.started - (record.timeout or 0.0)),
+        )
+        key = record.overtime_key
+        if key is not None:
+            record.overtime_key = None
+            if self.running.pop(key, None) is record:
+                self._ended_event.set()
+                self.on_slot_free()
+
+    def _arm(self, record: Running) -> None:
+        """Start the time limit of a ``def`` handler a thread has just started."""
+        if record.in_handler and record.timer is None and not record.abandoned:
+            assert record.timeout is not None
+            record.timer = self.loop.call_later(record.timeout, self._time_out, record)
+
+    def _time_out(self, record: Running) -> None:
+        """The job's time limit: ask its handler to stop, and end the job as failed now."""
+        record.timer = None
+        if not record.in_handler or record.abandoned or record.timed_out:
+            return
+        assert record.timeout is not None and record.done is not None
+        record.timed_out = True
+        if record.signal is not None:
+            record.signal.set()
+        handler = record.handler
+        if handler is not None and not handler.done():
+            handler.cancel()
+        identifier = record.job.task_identifier
+        entry = self.tasks.get(identifier)
+        if entry is not None and entry.timeout is not None:
+            source = f"timeout of task {identifier!r}"
+        else:
+            source = "the worker's job_timeout"
+        message = f"Job timed out after {record.timeout:g} s ({source})"
+        record.done(record, None, JobTimedOut(message, record.timeout))
 
     def _handler_returned(self, record: Running, result: Any, error: BaseException | None) -> None:
         self._end(record, self._outcome(record, record.job.payload, result, error))
@@ -315,6 +413,11 @@ class Executor:
         job = record.job
         if self.running.get(job.id) is record:
             del self.running[job.id]
+            if record.timed_out and record.in_handler:
+                # Failed at its time limit while its handler still runs: the slot stays
+                # taken until the handler returns, so no more than ``concurrency`` run.
+                key = record.overtime_key = next(self._overtime_keys)
+                self.running[key] = record
         self.ended += 1
         self._ended_event.set()
         if record.abandoned:
@@ -378,19 +481,28 @@ class Executor:
         """Ask every running job to stop: the signal for threads, cancellation for coroutines."""
         self.cancellation.set()
         for record in self.running.values():
+            if record.signal is not None:
+                record.signal.set()
             if record.handler is not None and not record.handler.done():
                 record.cancelled = True
                 record.handler.cancel()
 
     def abandon(self) -> list[Running]:
-        """Give up every running job: its outcome will not be written by :meth:`_end`."""
+        """Give up every running job: its outcome will not be written by :meth:`_end`.
+
+        Returns the jobs given up; not those already failed at their time limit, whose
+        handlers merely run on.
+        """
         records = list(self.running.values())
         for record in records:
             record.abandoned = True
+            if record.timer is not None:
+                record.timer.cancel()
+                record.timer = None
             if record.task is not None:
                 record.task.cancel()
         self.running.clear()
-        return records
+        return [record for record in records if record.overtime_key is None]
 
     def renew_cancellation(self) -> None:
         """A fresh signal for jobs started from now on (after a fence is lifted)."""
@@ -440,6 +552,8 @@ def describe(exc: BaseException) -> str:
 
 def message_of(error: BaseException) -> str:
     """``last_error`` for a job's failure."""
-    if isinstance(error, (HookFailure, ShutdownFailure, BatchItemsFailed, BatchJobError)):
+    if isinstance(
+        error, (HookFailure, ShutdownFailure, BatchItemsFailed, BatchJobError, JobTimedOut)
+    ):
         return str(error) or type(error).__name__
     return describe(error)

@@ -74,6 +74,8 @@ class RunSettings:
     fail_batch_delay: float
     shutdown_grace_period: float
     statement_timeout: float
+    job_timeout: float | None
+    """Each job's time limit unless its task has one (``None``: no limit)."""
     listen: bool
     crontab: list[Cron]
     recovery: WorkerRecoveryConfig | None
@@ -276,6 +278,7 @@ class WorkerRun:
             tasks=worker.tasks,
             concurrency=worker.concurrency,
             grace=worker.shutdown_grace_period,
+            job_timeout=worker.job_timeout,
             hooks=self.hooks,
             worker_id=self.worker_id,
             writer=self.writer,
@@ -452,6 +455,8 @@ class WorkerRun:
 
     def _fail_abandoned(self) -> None:
         records = self.executor.abandon()
+        if not records:  # only handlers of jobs already failed at their time limit ran on
+            return
         if self.forced:
             message = self.force_message
         else:

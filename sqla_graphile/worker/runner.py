@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -30,6 +31,7 @@ from ..errors import (
 from ..hooks import Hooks
 from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
+from ..tasks import timeout_seconds
 from ..utils import WorkerUtils
 from .connection import configure_engine, worker_engine
 from .fetcher import LOCAL_QUEUE_HORIZON, ForbiddenFlags
@@ -96,6 +98,13 @@ class Worker:
         Seconds any statement of the worker may take: past it, the connection is cut and
         the statement retried on a fresh one (a silent, half-open link cannot hang the
         worker). Worker connections also get TCP keepalives.
+    ``job_timeout``
+        Time limit of each job (seconds or a ``timedelta``) whose task sets no
+        ``timeout`` of its own; ``None`` (the default): no limit. At the limit the job is
+        failed with :class:`~sqla_graphile.errors.JobTimedOut` (attempt counted, retried
+        with the usual backoff); an ``async def`` handler is cancelled, a ``def`` handler
+        has ``ctx.cancellation`` set. The handler keeps its slot until it returns, and
+        what it returns then is not written.
     ``listen``
         Whether to LISTEN for ``jobs:insert``/``worker:migrate`` (polling alone otherwise).
     ``crontab``
@@ -132,6 +141,7 @@ class Worker:
         fail_batch_delay: float | None = None,
         shutdown_grace_period: float = 5.0,
         statement_timeout: float = 30.0,
+        job_timeout: float | timedelta | None = None,
         listen: bool = True,
         worker_id: str | None = None,
         crontab: CrontabSource = None,
@@ -168,6 +178,8 @@ class Worker:
         )
         self.shutdown_grace_period = shutdown_grace_period
         self.statement_timeout = statement_timeout
+        self.job_timeout = timeout_seconds(job_timeout, "job_timeout")
+        """Each job's time limit in seconds unless its task has one (``None``: none)."""
         self.listen = listen
         # Parsed now, so a bad crontab fails at construction with its line and field; so
         # does an item whose payload its typed task could never decode.
@@ -326,6 +338,7 @@ class Worker:
             fail_batch_delay=self.fail_batch_delay,
             shutdown_grace_period=self.shutdown_grace_period,
             statement_timeout=self.statement_timeout,
+            job_timeout=self.job_timeout,
             listen=self.listen,
             crontab=self.crontab,
             recovery=self.recovery,

@@ -11,7 +11,7 @@ from typing import Any
 from ..context import WorkerContext
 from ..cron import CRON_KEY, Cron
 from ..errors import BatchJobError, CrontabError, InvalidArgument, InvalidArgumentType
-from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of
+from ..tasks import BatchTaskHandler, FunctionTask, TaskHandler, identifier_of, task_timeout
 
 __all__ = ["BatchFailure", "BatchJobError", "TaskRegistry", "WorkerTask", "batch_outcome"]
 
@@ -36,6 +36,8 @@ class WorkerTask:
     is_batch: bool
     decode: Callable[[Any], Any] | None = None
     """What the handler receives for a payload, for typed tasks (``None``: the JSON)."""
+    timeout: float | None = None
+    """The task's own time limit in seconds (``None``: the worker's ``job_timeout``)."""
 
 
 def _without_cron(payload: Any) -> Any:
@@ -56,7 +58,7 @@ def _task_handler(cls: type[TaskHandler]) -> WorkerTask:
         return decode(payload).run(ctx)
 
     is_async = inspect.iscoroutinefunction(cls.run)
-    return WorkerTask(identifier_of(cls), invoke, is_async, False, decode)
+    return WorkerTask(identifier_of(cls), invoke, is_async, False, decode, task_timeout(cls))
 
 
 def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
@@ -66,7 +68,7 @@ def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
         def call(payload: Any, ctx: WorkerContext) -> Any:
             return fn.fn(payload, ctx)
 
-        return WorkerTask(fn.IDENTIFIER, call, is_async, False)
+        return WorkerTask(fn.IDENTIFIER, call, is_async, False, timeout=fn.timeout)
 
     def decode(payload: Any) -> Any:
         return fn.decode(_without_cron(payload))
@@ -74,7 +76,7 @@ def _function_task(fn: FunctionTask[Any]) -> WorkerTask:
     def invoke(payload: Any, ctx: WorkerContext) -> Any:
         return fn.fn(decode(payload), ctx)
 
-    return WorkerTask(fn.IDENTIFIER, invoke, is_async, False, decode)
+    return WorkerTask(fn.IDENTIFIER, invoke, is_async, False, decode, fn.timeout)
 
 
 def _batch_task(cls: type[BatchTaskHandler]) -> WorkerTask:
@@ -89,7 +91,7 @@ def _batch_task(cls: type[BatchTaskHandler]) -> WorkerTask:
         return cls.run_batch(decode(payload), ctx)
 
     is_async = inspect.iscoroutinefunction(cls.run_batch)
-    return WorkerTask(identifier_of(cls), invoke, is_async, True, decode)
+    return WorkerTask(identifier_of(cls), invoke, is_async, True, decode, task_timeout(cls))
 
 
 def _json_kind(value: Any) -> str:
