@@ -75,11 +75,19 @@ def _task_stacks() -> str:
 
 
 def fetch_session(worker: Worker) -> int | None:
-    """The backend pid of the worker's fetch connection, once it is idle and prepared."""
+    """The backend pid of the worker's fetch connection, once it is idle and prepared.
+
+    Idle also means listening, with no wake-up pending: a LISTEN connection that comes
+    up later wakes the fetch loop (notifications may have been missed), and the job a
+    test adds next would then be fetched by the loop rather than from a notification.
+    """
     runtime = worker._runtime
-    if runtime is None or not runtime.started or not runtime.fetcher.fetch_waiting:
+    if runtime is None or not runtime.started or not worker.listening:
         return None
-    raw = runtime.fetcher.connection.raw
+    fetcher = runtime.fetcher
+    if not fetcher.fetch_waiting or fetcher.nudge.is_set():
+        return None
+    raw = fetcher.connection.raw
     return raw.info.backend_pid if raw is not None else None
 
 
