@@ -17,8 +17,8 @@ application uses every core despite the GIL. Then:
   together) stop every process gracefully, and :meth:`Supervisor.run` returns ``1``.
 * **A process exiting with status 57** (a breaking migration newer than this library)
   is not restarted: every process is stopped and ``run`` returns ``57``.
-* **SIGTERM or SIGINT** to the supervisor is passed on to every process (a second one
-  as well, which forces their shutdown); the supervisor returns once they have all
+* **SIGTERM or SIGINT** to the supervisor is passed on to every process as a SIGTERM (a
+  second one as well, which forces their shutdown); the supervisor returns once they have all
   exited: ``0`` when each stopped cleanly. Each worker bounds its own shutdown
   (``shutdown_grace_period + 3 × statement_timeout + 1`` seconds), so the supervisor's
   ends at most a moment after that bound. The processes run in their own sessions, so a
@@ -67,7 +67,14 @@ if TYPE_CHECKING:
     from .progress import Progress
     from .worker import Worker
 
-__all__ = ["EXIT_BREAKING_MIGRATION", "EXIT_CRASHED", "Supervisor", "WorkerSlot", "run_processes"]
+__all__ = [
+    "EXIT_BREAKING_MIGRATION",
+    "EXIT_CRASHED",
+    "Supervisor",
+    "WorkerSlot",
+    "describe_exit",
+    "run_processes",
+]
 
 logger = logging.getLogger("sqla_graphile.supervisor")
 
@@ -234,10 +241,11 @@ def _child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: An
     from .worker import Worker
 
     # Off the terminal's process group: a Ctrl-C reaches us once, through the supervisor.
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not POSIX
         os.setsid()
-    # The supervisor blocked its stop signals while starting us, and the mask is inherited.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if hasattr(signal, "pthread_sigmask"):
+        # The supervisor blocked its stop signals while starting us; the mask is inherited.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     code = EXIT_CRASHED
     publisher: _Publisher | None = None
     try:
@@ -274,7 +282,6 @@ class _Slot:
     started: float = 0.0
     deaths: int = 0  # consecutive deaths, for the backoff
     restart_at: float | None = None
-    worker_id: str = ""
     #: Outcome counts of this slot's earlier processes.
     counts: list[int] = field(default_factory=lambda: [0, 0, 0])
 
@@ -388,6 +395,7 @@ class Supervisor:
             raise RuntimeError("this supervisor has already run")
         self._boards = self._context.RawArray(_Board, self.processes)
         self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         restore = self._install_signals()
         try:
@@ -470,14 +478,16 @@ class Supervisor:
         # Ctrl-C before it leaves the terminal's process group does not interrupt it;
         # meanwhile the supervisor's own stop signals wait, blocked, not lost.
         main = threading.current_thread() is threading.main_thread()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        masks = hasattr(signal, "pthread_sigmask")
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if masks else None
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             process.start()
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         with self._lock:
             slot.process = process
             slot.started = time.monotonic()
@@ -522,7 +532,7 @@ class Supervisor:
             )
             self.exit_code = EXIT_BREAKING_MIGRATION
             self.failure = f"{what} {describe_exit(code)}: a breaking migration"
-            self._begin_stop(signal.SIGTERM)
+            self._begin_stop()
             return
         ran = now - slot.started
         self._deaths.append(now)
@@ -544,7 +554,7 @@ class Supervisor:
                 f"{len(self._deaths)} worker process deaths within {self.crash_window:g} s "
                 f"(the last: {what} {describe_exit(code)})"
             )
-            self._begin_stop(signal.SIGTERM)
+            self._begin_stop()
             return
         slot.deaths = 1 if ran >= self.crash_window else slot.deaths + 1
         delay = min(self.max_restart_delay, self.restart_delay * 2 ** (slot.deaths - 1))
@@ -586,15 +596,18 @@ class Supervisor:
                 )
             else:
                 logger.warning("%s received again: forcing the worker processes' shutdown", name)
-            self._begin_stop(sig)
+            self._begin_stop()
 
-    def _begin_stop(self, sig: int) -> None:
+    def _begin_stop(self) -> None:
+        """Send SIGTERM to every process (again: their shutdown is forced)."""
         self._stopping = True
         for slot in self._slots:
             process = slot.process
             if process is not None and process.exitcode is None and process.pid is not None:
+                # SIGTERM whatever was received: a process still starting ignores SIGINT
+                # (so that a Ctrl-C cannot interrupt it), while SIGTERM ends it there.
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, sig)
+                    os.kill(process.pid, signal.SIGTERM)
 
     # -- reporting --------------------------------------------------------------------
 

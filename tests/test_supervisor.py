@@ -307,7 +307,8 @@ def test_a_ctrl_c_reaches_each_process_once(
             finish(supervisor, signal.SIGKILL)
 
     assert supervisor.returncode == 0, stderr
-    assert stderr.count("SIGINT received: shutting down gracefully") == 2
+    assert stderr.count("SIGINT received: stopping the worker processes gracefully") == 1
+    assert stderr.count("SIGTERM received: shutting down gracefully") == 2
     assert "forcing" not in stderr
 
 
