@@ -1329,6 +1329,7 @@ def _run_processes(
         ledger = check_database(connection, state.schema)
     if not ledger.table_exists:
         raise SchemaNotMigrated(state.schema)
+    state.close()  # the supervisor itself holds no connection while it runs
     try:
         supervisor = Supervisor(
             _CliWorkers(url, tasks_spec, options, verbose=state.verbose),

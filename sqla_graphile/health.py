@@ -42,10 +42,12 @@ __all__ = [
     "HealthCheck",
     "HealthReport",
     "HealthServer",
+    "Probe",
     "WorkerStatus",
     "bind_health_socket",
     "check_health",
     "serve_health",
+    "worker_probe",
 ]
 
 logger = logging.getLogger("sqla_graphile.health")
