@@ -260,10 +260,11 @@ def serve_health(worker: Worker, port: int, host: str = DEFAULT_HEALTH_HOST) -> 
     :attr:`WorkerStatus.ready` (and so from the moment a shutdown begins).
     """
     server = HealthServer(worker_probe(worker), bind_health_socket(host, port))
+    bound = server.address[1]
 
     async def on_start(_event: Any) -> None:
         if server.socket.fileno() == -1:  # a later run of the worker: listen again
-            server.socket = bind_health_socket(host, server.address[1] if port == 0 else port)
+            server.socket = bind_health_socket(host, bound)
         await server.start()
         logger.info("health endpoint on http://%s:%d (/livez, /readyz)", *server.address)
 

@@ -310,3 +310,20 @@ async def test_the_endpoint_fails_while_the_worker_is_fenced(
     assert fenced is not None and fenced[0] == 503
     problems = fenced[1]["worker"]["problems"]
     assert "fenced: its heartbeats failed for longer than its lease" in problems
+
+
+async def test_serve_health_serves_each_run_of_the_worker(database_url: str, schema: str) -> None:
+    worker = Worker(database_url, [noop], schema=schema, poll_interval=0.2)
+    server = serve_health(worker, 0)
+    port = server.address[1]
+    assert await asyncio.to_thread(get, port, "/livez") is None  # not before the run
+    for _ in range(2):
+        async with running(worker):
+            answer = await await_for(
+                lambda: asyncio.to_thread(get, port, "/readyz"), WAIT, "an answer"
+            )
+            await await_for(lambda: worker.status.ready, WAIT, "readiness")
+            ready = await asyncio.to_thread(get, port, "/readyz")
+        assert answer is not None
+        assert ready is not None and ready[0] == 200
+        assert await asyncio.to_thread(get, port, "/livez") is None  # closed with the run
