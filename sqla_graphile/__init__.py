@@ -38,6 +38,7 @@ from .errors import (
     ValueOutOfRange,
     WorkerAlreadyRunning,
 )
+from .health import WorkerStatus
 from .hooks import (
     AfterJobRunContext,
     BeforeJobRunContext,
@@ -136,6 +137,7 @@ __all__ = [
     "WorkerSchema",
     "WorkerStartEvent",
     "WorkerStats",
+    "WorkerStatus",
     "WorkerStopEvent",
     "WorkerUtils",
     "__version__",

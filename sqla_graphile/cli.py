@@ -38,6 +38,7 @@ from ._urls import engine_from_url, normalize_url, redact, redact_url, url_secre
 from .cron import TIME_UNITS
 from .errors import DatabaseNewerThanLibrary, GraphileWorkerError, sqlstate_of, translate_db_error
 from .functions import worker_functions
+from .health import DEFAULT_HEALTH_HOST
 from .job import Job
 from .recovery import SweepStaleWorkersOptions, WorkerRecoveryConfig
 from .schema import DEFAULT_SCHEMA, quote_schema, validate_schema_name, worker_schema
@@ -1016,66 +1017,192 @@ def stats(state: _State) -> None:
 
 @main.command()
 @click.option(
+    "--worker-id",
+    "worker_ids",
+    type=NAME,
+    multiple=True,
+    help="Also check that this worker is registered and heartbeats (repeatable).",
+)
+@click.option(
+    "--min-workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also check that at least this many registered workers heartbeat.",
+)
+@click.option(
+    "--threshold",
+    type=POSITIVE_DURATION,
+    default="5m",
+    show_default=True,
+    help="Heartbeat age (by the database's clock) past which a worker is not healthy.",
+)
+@_pass_state
+def health(
+    state: _State, worker_ids: tuple[str, ...], min_workers: int, threshold: timedelta
+) -> None:
+    """Check the database for workers: exit 0 when healthy, 1 when not.
+
+    Checks that the database is reachable and that the worker schema is migrated and not
+    newer than this library; with --worker-id or --min-workers, that workers heartbeat.
+    Each check is printed (JSON: "healthy" and "checks"), failed ones too.
+    """
+    from .health import check_health
+
+    url = state.url()
+    report = check_health(
+        url, state.schema, worker_ids=worker_ids, min_workers=min_workers, threshold=threshold
+    )
+    secrets = url_secrets(url)
+    checks = [
+        {"name": check.name, "ok": check.ok, "detail": redact(check.detail, secrets)}
+        for check in report.checks
+    ]
+    human = "\n".join(
+        f"{'ok' if check['ok'] else 'FAIL':<5} {check['name']}: {check['detail']}"
+        for check in checks
+    )
+    human += "\n" + ("healthy" if report.healthy else "not healthy")
+    _emit(state, {"healthy": report.healthy, "checks": checks}, human)
+    if not report.healthy:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
+@click.option(
     "--tasks",
     "tasks_spec",
     required=True,
+    envvar="GRAPHILE_WORKER_TASKS",
+    show_envvar=True,
     metavar="MODULE[:ATTR]",
     help="Importable module (or module:attribute) holding the task handlers.",
 )
 @click.option(
     "--crontab",
+    envvar="GRAPHILE_WORKER_CRONTAB",
+    show_envvar=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Crontab file in Node graphile-worker's format.",
 )
-@click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--poll-interval", type=POSITIVE_DURATION, default="2s", show_default=True)
+@click.option(
+    "--concurrency",
+    envvar="GRAPHILE_WORKER_CONCURRENCY",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+)
+@click.option(
+    "--poll-interval",
+    envvar="GRAPHILE_WORKER_POLL_INTERVAL",
+    show_envvar=True,
+    type=POSITIVE_DURATION,
+    default="2s",
+    show_default=True,
+)
 @click.option(
     "--forbidden-flag",
     "forbidden_flags",
+    envvar="GRAPHILE_WORKER_FORBIDDEN_FLAGS",
+    show_envvar=True,
     type=NAME,
     multiple=True,
-    help="Leave the jobs carrying this flag alone (repeatable).",
+    help="Leave the jobs carrying this flag alone (repeatable; the variable: flags "
+    "separated by spaces).",
 )
 @click.option(
     "--listen/--no-listen",
+    envvar="GRAPHILE_WORKER_LISTEN",
+    show_envvar=True,
     default=True,
     show_default=True,
     help="LISTEN for new jobs and migrations; with --no-listen, only poll.",
 )
 @click.option(
     "--local-queue-size",
+    envvar="GRAPHILE_WORKER_LOCAL_QUEUE_SIZE",
+    show_envvar=True,
     type=click.IntRange(min=0),
     help="Jobs fetched ahead per fetch (default: max(100, 4 x concurrency); 0: none).",
 )
 @click.option(
     "--complete-batch-delay",
+    envvar="GRAPHILE_WORKER_COMPLETE_BATCH_DELAY",
+    show_envvar=True,
     type=DURATION,
     help="Collect completions/failures this long before writing them (default 0).",
 )
 @click.option(
     "--shutdown-grace-period",
+    envvar="GRAPHILE_WORKER_SHUTDOWN_GRACE_PERIOD",
+    show_envvar=True,
     type=DURATION,
     help="After SIGINT/SIGTERM, how long running jobs may finish before they are cancelled "
     "and failed (5s).",
 )
-@click.option("--once", is_flag=True, help="Run until no job is runnable, then exit.")
+@click.option(
+    "--once",
+    envvar="GRAPHILE_WORKER_ONCE",
+    show_envvar=True,
+    is_flag=True,
+    help="Run until no job is runnable, then exit.",
+)
 @click.option(
     "--recovery/--no-recovery",
+    envvar="GRAPHILE_WORKER_RECOVERY",
+    show_envvar=True,
     default=None,
     help="Register, heartbeat and sweep dead workers' jobs (crash recovery; default: on "
     "when the schema has the worker registry, as every schema this library migrated).",
 )
 @click.option(
     "--statement-timeout",
+    envvar="GRAPHILE_WORKER_STATEMENT_TIMEOUT",
+    show_envvar=True,
     type=POSITIVE_DURATION,
     help="Time limit of each worker statement; past it the link is cut and retried (30s).",
 )
 @click.option(
     "--job-timeout",
+    envvar="GRAPHILE_WORKER_JOB_TIMEOUT",
+    show_envvar=True,
     type=POSITIVE_DURATION,
     help="Time limit of each job whose task sets no timeout; past it the job fails (none).",
 )
-@click.option("--progress-interval", type=POSITIVE_DURATION, default="5s", show_default=True)
+@click.option(
+    "--progress-interval",
+    envvar="GRAPHILE_WORKER_PROGRESS_INTERVAL",
+    show_envvar=True,
+    type=POSITIVE_DURATION,
+    default="5s",
+    show_default=True,
+)
+@click.option(
+    "--processes",
+    envvar="GRAPHILE_WORKER_PROCESSES",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes to run and supervise (restarted when they die); the crontab "
+    "runs in one of them.",
+)
+@click.option(
+    "--health-port",
+    envvar="GRAPHILE_WORKER_HEALTH_PORT",
+    show_envvar=True,
+    type=click.IntRange(0, 65535),
+    help="Serve /livez and /readyz over HTTP on this port (0: any free port).",
+)
+@click.option(
+    "--health-host",
+    envvar="GRAPHILE_WORKER_HEALTH_HOST",
+    show_envvar=True,
+    default=DEFAULT_HEALTH_HOST,
+    show_default=True,
+    help="Address of the health endpoint (0.0.0.0 in a container, for probes from outside).",
+)
 @_pass_state
 def run(
     state: _State,
@@ -1093,11 +1220,17 @@ def run(
     statement_timeout: timedelta | None,
     job_timeout: timedelta | None,
     progress_interval: timedelta,
+    processes: int,
+    health_port: int | None,
+    health_host: str,
 ) -> None:
     """Start a worker for the handlers in --tasks (SIGINT/SIGTERM stop it gracefully).
 
     It prints a summary when it stops; an error (such as an unreachable database) gives
-    the error line alone.
+    the error line alone. Every option can also be set by the environment variable
+    shown. With --processes N, N worker processes run under a supervisor that restarts
+    those that die; it exits 57 when one meets a breaking migration, and 1 when they
+    keep dying (more than 5 deaths within 60 s).
     """
     from .cron import CrontabError
     from .hooks import Hooks
@@ -1106,6 +1239,8 @@ def run(
     from .worker.tasks import TaskRegistry
 
     url = state.url()
+    if once and processes > 1:
+        raise click.UsageError("--once runs one worker; it cannot be combined with --processes")
     if str(Path.cwd()) not in sys.path:
         # Task modules are usually the application's own, next to where it is run.
         sys.path.insert(0, str(Path.cwd()))
@@ -1132,22 +1267,28 @@ def run(
         options["statement_timeout"] = statement_timeout.total_seconds()
     if shutdown_grace_period is not None:
         options["shutdown_grace_period"] = shutdown_grace_period.total_seconds()
+    if job_timeout is not None:
+        options["job_timeout"] = job_timeout.total_seconds()
+    options.update(
+        schema=state.schema,
+        concurrency=concurrency,
+        poll_interval=poll_interval.total_seconds(),
+        forbidden_flags=list(forbidden_flags) or None,
+        listen=listen,
+        crontab=crontab,
+    )
     try:
-        worker = Worker(
-            url,
-            handlers,
-            schema=state.schema,
-            concurrency=concurrency,
-            poll_interval=poll_interval.total_seconds(),
-            forbidden_flags=list(forbidden_flags) or None,
-            listen=listen,
-            hooks=hooks,
-            crontab=crontab,
-            job_timeout=job_timeout,
-            **options,
-        )
+        worker = Worker(url, handlers, hooks=hooks, **options)
     except CrontabError as exc:
         raise click.BadParameter(str(exc), param_hint="--crontab") from None
+    if processes > 1:
+        worker.close()
+        _run_processes(
+            state, url, tasks_spec, options, processes, progress, health_port, health_host
+        )
+        return
+    if health_port is not None:
+        _serve_health(worker, health_port, health_host)
     progress.start()
     try:
         worker.run_once() if once else worker.run()
@@ -1165,6 +1306,83 @@ def run(
             "permanently_failed": progress.permanently_failed,
         },
         f"Worker stopped: {progress.line()}.",
+    )
+
+
+def _health_socket_error(host: str, port: int, exc: OSError) -> _Failure:
+    return _Failure(f"cannot serve the health endpoint on {host}:{port}: {exc.strerror or exc}")
+
+
+def _serve_health(worker: Any, port: int, host: str) -> None:
+    from .health import serve_health
+
+    try:
+        serve_health(worker, port, host)
+    except OSError as exc:
+        raise _health_socket_error(host, port, exc) from exc
+
+
+def _run_processes(
+    state: _State,
+    url: str,
+    tasks_spec: str,
+    options: dict[str, Any],
+    processes: int,
+    progress: Any,
+    health_port: int | None,
+    health_host: str,
+) -> None:
+    """``run --processes N``: a supervisor of N worker processes (see ``supervisor``)."""
+    from .errors import SchemaNotMigrated
+    from .migrations import check_database
+    from .supervisor import EXIT_BREAKING_MIGRATION, Supervisor, _CliWorkers
+
+    # Checked once here, so that a database no worker can use fails as one worker would,
+    # rather than as processes dying until the supervisor gives up.
+    with state.engine().connect() as connection:
+        ledger = check_database(connection, state.schema)
+    if not ledger.table_exists:
+        raise SchemaNotMigrated(state.schema)
+    state.close()  # the supervisor itself holds no connection while it runs
+    try:
+        supervisor = Supervisor(
+            _CliWorkers(url, tasks_spec, options, verbose=state.verbose),
+            processes,
+            health_port=health_port,
+            health_host=health_host,
+            progress=progress,
+        )
+    except OSError as exc:
+        raise _health_socket_error(health_host, health_port or 0, exc) from exc
+    progress.start()
+    try:
+        code = supervisor.run()
+    except BaseException:
+        progress.stop(summary=False)
+        raise
+    progress.update(*supervisor.counts)
+    progress.stop(summary=code == 0)
+    if code == EXIT_BREAKING_MIGRATION:
+        error = _Error(
+            f"the worker schema {state.schema!r} has a breaking migration newer than this "
+            "library: upgrade sqla-graphile (the worker processes were stopped)",
+            "error",
+            EXIT_BREAKING_MIGRATION,
+        )
+        raise _Reported(_render(error, as_json=state.as_json, verbose=False, secrets=()), code)
+    if code != 0:
+        raise _Failure(f"the supervisor stopped: {supervisor.failure}")
+    _emit(
+        state,
+        {
+            "completed": progress.completed,
+            "failed": progress.failed,
+            "permanently_failed": progress.permanently_failed,
+            "processes": processes,
+            "restarts": supervisor.restarts,
+        },
+        f"Workers stopped ({processes} processes, {supervisor.restarts} restarts): "
+        f"{progress.line()}.",
     )
 
 

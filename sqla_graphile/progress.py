@@ -52,6 +52,13 @@ class Progress:
             self.failed += 1
             self.permanently_failed += 1
 
+    def update(self, completed: int, failed: int, permanently_failed: int) -> None:
+        """Set the counts (from elsewhere, such as the processes of a supervisor)."""
+        with self._lock:
+            self.completed = completed
+            self.failed = failed
+            self.permanently_failed = permanently_failed
+
     def line(self) -> str:
         """``N done, M failed (K for good), R jobs/s over T s``."""
         elapsed = max(time.monotonic() - self.started, 1e-9)

@@ -243,7 +243,7 @@ def test_cli_run_job_timeout(
     utils.add_raw_job("nap", {})
     refused = cli(database_url, schema, tmp_path, "--job-timeout", "0s")
     assert refused.returncode == 2  # a usage error, as every zero duration where one is needed
-    assert "'--job-timeout': '0s' must be longer than 0" in refused.stderr
+    assert "'--job-timeout'" in refused.stderr and "'0s' must be longer than 0" in refused.stderr
     assert only_row(engine, schema)["attempts"] == 0  # nothing ran
 
     result = cli(database_url, schema, tmp_path, "--job-timeout", "300ms")

@@ -393,6 +393,8 @@ class Database:
         self.schema = schema
         self.statement_timeout = statement_timeout
         self.deadline: float | None = None
+        self.failing = False
+        """A statement failed on a lost link or a busy server; cleared by a success."""
         self._compiled: dict[int, _Compiled] = {}
 
     def held(self, count: int) -> list[HeldConnection]:
@@ -431,8 +433,10 @@ class Database:
             if self.deadline is not None:
                 timeout = max(0.05, min(timeout, self.deadline - time.monotonic()))
             try:
-                return await connection.run(statement, params, tuples=tuples, timeout=timeout)
+                rows = await connection.run(statement, params, tuples=tuples, timeout=timeout)
             except (DBAPIError, PoolTimeoutError, OSError) as exc:
+                if is_transient(exc):  # the link or the server, not the statement
+                    self.failing = True
                 late = self.deadline is not None and time.monotonic() + delay >= self.deadline
                 if late or attempt >= retries or not (retry_any or is_transient(exc)):
                     if isinstance(exc, DBAPIError):
@@ -451,6 +455,9 @@ class Database:
                 )
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 1.5, 5.0 if retry_any else 30.0)
+            else:
+                self.failing = False
+                return rows
 
 
 def first_line(exc: BaseException) -> str:

@@ -112,6 +112,11 @@ class RecoveryAgent:
         self._last_ok = time.monotonic()
         self._fence_timer: asyncio.TimerHandle | None = None
 
+    @property
+    def heartbeat_age(self) -> float:
+        """Seconds since the last successful heartbeat (or registration) was sent."""
+        return time.monotonic() - self._last_ok
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def register(self) -> None:

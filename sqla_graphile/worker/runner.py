@@ -28,6 +28,7 @@ from ..errors import (
     InvalidArgumentType,
     WorkerAlreadyRunning,
 )
+from ..health import WorkerStatus
 from ..hooks import Hooks
 from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
@@ -223,6 +224,42 @@ class Worker:
         """Whether the worker is fenced: its heartbeats failed for longer than its lease."""
         runtime = self._runtime
         return bool(runtime and runtime.fenced)
+
+    @property
+    def status(self) -> WorkerStatus:
+        """A snapshot of the worker's health, for probes and supervisors (any thread).
+
+        See :class:`~sqla_graphile.health.WorkerStatus`: whether it runs, is shutting
+        down, listens, reaches the database, heartbeats, or is fenced.
+        """
+        runtime = self._runtime
+        if runtime is None:
+            return WorkerStatus(
+                self.worker_id,
+                running=False,
+                stopping=False,
+                listen=self.listen,
+                listening=False,
+                fenced=False,
+                recovery=False,
+                connected=False,
+            )
+        agent = runtime.recovery
+        config = agent.config if agent is not None else None
+        return WorkerStatus(
+            self.worker_id,
+            running=runtime.started,
+            stopping=runtime.stopping,
+            listen=self.listen and not runtime.once,
+            listening=bool(runtime.listener and runtime.listener.listening),
+            fenced=runtime.fenced,
+            recovery=agent is not None,
+            connected=runtime.started and not runtime.db.failing,
+            heartbeat_age=agent.heartbeat_age if agent is not None else None,
+            heartbeat_interval=(
+                config.heartbeat_interval.total_seconds() if config is not None else None
+            ),
+        )
 
     def create_utils(self) -> WorkerUtils:
         """A :class:`WorkerUtils` with this worker's hooks and task identifiers.
