@@ -33,15 +33,35 @@ The worker's job interceptors follow the same pattern::
 completes the job without running it, ``Fail(message)`` fails it. ``after_job_run``:
 ``Skip()`` turns the outcome into a success, ``Fail(message)`` into a failure. Hooks may be
 ``def`` or ``async def``; they run on the worker's event loop, so keep ``def`` hooks quick.
+
+Context hooks wrap a piece of work in a context manager of the application's, entered
+where the work runs (for tracing, or context variables such as a logging scope); they
+cannot change what happens::
+
+    @hooks.job_run_context
+    def scope(job: Job) -> AbstractContextManager[object]:
+        return bind_log_context(job_id=job.id)   # entered around the handler
+
+    @hooks.job_add_context
+    def adding(ctx: JobAddContext) -> AbstractContextManager[object]:
+        return timer(ctx.operation)              # entered around add_job, add_jobs, ...
+
+A ``job_run_context`` manager is entered in the thread of a ``def`` handler (in the task
+of an ``async def`` one) right before the handler and exited when it returns or raises;
+unlike ``before_job_run`` interceptors it costs the worker no extra task per job.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import InvalidArgument, InvalidHookResult, JobScheduleFailed, JobScheduleSkipped
@@ -57,11 +77,14 @@ __all__ = [
     "Continue",
     "Fail",
     "Hooks",
+    "JobAddContext",
     "JobCompleteEvent",
     "JobEvent",
     "JobFailEvent",
     "JobLockLostEvent",
     "JobRunDecision",
+    "JobsFetchedEvent",
+    "JobsWrittenEvent",
     "ScheduleDecision",
     "Skip",
     "WorkerFenceEvent",
@@ -78,11 +101,13 @@ EVENTS = frozenset(
         "worker_start",
         "worker_stop",
         "job_fetch",
+        "jobs_fetched",
         "job_start",
         "job_complete",
         "job_fail",
         "job_permanently_fail",
         "job_lock_lost",
+        "jobs_written",
         "worker_recovered",
         "worker_fence",
         "cron_tick",
@@ -249,6 +274,41 @@ class JobLockLostEvent:
 
 
 @dataclass(frozen=True)
+class JobsFetchedEvent:
+    """``jobs_fetched``: one fetch statement locked these jobs (never an empty batch)."""
+
+    worker_id: str
+    jobs: tuple[Job, ...]
+
+
+@dataclass(frozen=True)
+class JobsWrittenEvent:
+    """``jobs_written``: one statement wrote a batch of outcomes.
+
+    ``outcome`` is ``"complete"`` or ``"fail"``; ``size`` is the number of outcomes the
+    statement carried. Emitted before the batch's ``job_complete`` / ``job_fail`` events.
+    """
+
+    worker_id: str
+    outcome: str
+    size: int
+
+
+@dataclass
+class JobAddContext:
+    """What a ``job_add_context`` hook sees: one call adding jobs.
+
+    ``operation`` is the method called (``"add_job"``, ``"add_raw_job"``, ``"add_jobs"``,
+    ``"add_raw_jobs"`` or ``"add_batch_job"``). ``jobs`` is empty while the call runs and
+    holds the jobs added once it has succeeded, before the context manager is exited.
+    """
+
+    operation: str
+    schema: str
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class BeforeJobRunContext:
     """What a ``before_job_run`` interceptor sees."""
 
@@ -270,7 +330,11 @@ class AfterJobRunContext:
 
 
 Observer = Callable[[Any], "Awaitable[None] | None"]
+JobRunContextHook = Callable[[Job], AbstractContextManager[Any]]
+JobAddContextHook = Callable[[JobAddContext], AbstractContextManager[Any]]
 _F = TypeVar("_F", bound=Callable[..., Any])
+_R = TypeVar("_R", bound=JobRunContextHook)
+_A = TypeVar("_A", bound=JobAddContextHook)
 
 
 class Hooks:
@@ -281,6 +345,10 @@ class Hooks:
         self._observers: dict[str, list[Observer]] = defaultdict(list)
         self.before_job_run_hooks: list[Callable[..., Any]] = []
         self.after_job_run_hooks: list[Callable[..., Any]] = []
+        self.job_run_context_hooks: list[JobRunContextHook] = []
+        self.job_add_context_hooks: list[JobAddContextHook] = []
+        # Tasks of async observers called from synchronous code (see emit_soon).
+        self._pending: set[asyncio.Future[Any]] = set()
 
     def __bool__(self) -> bool:
         return bool(
@@ -288,6 +356,8 @@ class Hooks:
             or any(self._observers.values())
             or self.before_job_run_hooks
             or self.after_job_run_hooks
+            or self.job_run_context_hooks
+            or self.job_add_context_hooks
         )
 
     def before_job_schedule(self, hook: ScheduleHook) -> ScheduleHook:
@@ -304,6 +374,40 @@ class Hooks:
         """Register an interceptor run after each job (see the worker's documentation)."""
         self.after_job_run_hooks.append(hook)
         return hook
+
+    def job_run_context(self, hook: _R) -> _R:
+        """Register ``hook(job)``, a context manager entered around each handler's run.
+
+        It is entered where the handler runs (its thread, or its task) just before the
+        handler, and exited when the handler returns or raises; it does not see, and
+        cannot change, the outcome. Managers of several hooks nest in registration order.
+        """
+        self.job_run_context_hooks.append(hook)
+        return hook
+
+    def job_add_context(self, hook: _A) -> _A:
+        """Register ``hook(ctx)``, a context manager entered around each call adding jobs.
+
+        ``ctx`` is a :class:`JobAddContext`. The manager is entered in the caller's thread
+        (or task) before the ``before_job_schedule`` interceptors run and exited after the
+        call ended; an exception the call raises passes through its ``__exit__``.
+        """
+        self.job_add_context_hooks.append(hook)
+        return hook
+
+    def run_scope(self, job: Job) -> AbstractContextManager[Any]:
+        """The ``job_run_context`` managers for ``job``, as one."""
+        hooks = self.job_run_context_hooks
+        if len(hooks) == 1:
+            return hooks[0](job)
+        return _Nested([hook(job) for hook in hooks])
+
+    def add_scope(self, ctx: JobAddContext) -> AbstractContextManager[Any]:
+        """The ``job_add_context`` managers for ``ctx``, as one (entered in order)."""
+        hooks = self.job_add_context_hooks
+        if len(hooks) == 1:
+            return hooks[0](ctx)
+        return _Nested([hook(ctx) for hook in hooks])
 
     def on(self, event: str) -> Callable[[_F], _F]:
         """Register an observer of a lifecycle event (a decorator)."""
@@ -372,6 +476,28 @@ class Hooks:
             except Exception:
                 logger.exception("hook %s for %r failed", getattr(observer, "__name__", "?"), event)
 
+    def emit_soon(self, event: str, payload: Any) -> None:
+        """:meth:`emit` from synchronous code: an async observer runs as a task of its own."""
+        for observer in self._observers.get(event, ()):
+            try:
+                result = observer(payload)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._pending.add(task)
+                    task.add_done_callback(functools.partial(self._observed, event, observer))
+            except Exception:
+                logger.exception("hook %s for %r failed", getattr(observer, "__name__", "?"), event)
+
+    def _observed(self, event: str, observer: Observer, task: asyncio.Future[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "hook %s for %r failed",
+                getattr(observer, "__name__", "?"),
+                event,
+                exc_info=task.exception(),
+            )
+
     def schedule(self, identifier: str, payload: Any, spec: JobSpec) -> Any:
         """Run the schedule interceptors; return the payload to store.
 
@@ -394,6 +520,23 @@ class Hooks:
                     f"not {decision!r}"
                 )
         return payload
+
+
+class _Nested:
+    """Context managers entered in order and exited in reverse, as one."""
+
+    def __init__(self, managers: list[AbstractContextManager[Any]]) -> None:
+        self._managers = managers
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        with self._stack as stack:
+            for manager in self._managers:
+                stack.enter_context(manager)
+            self._stack = stack.pop_all()
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return bool(self._stack.__exit__(*exc_info))
 
 
 async def _call(hook: Callable[..., Any], ctx: Any) -> Any:

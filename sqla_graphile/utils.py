@@ -31,7 +31,7 @@ from ._ops import NameCache, Op, Operations, check_raw_jobs, check_spec, typed_i
 from ._urls import async_engine_from_url, engine_from_url
 from .admin import JobState, LockHolder, WorkerStats
 from .errors import InvalidArgumentType, translate_db_error
-from .hooks import Hooks
+from .hooks import Hooks, JobAddContext
 from .job import Job
 from .recovery import (
     ActiveWorker,
@@ -122,6 +122,16 @@ class _UtilsBase(Generic[_Bind]):
             _names=self._names,
         )
 
+    def _add_context(self, operation: str | None) -> JobAddContext | None:
+        """The context of an add call when ``job_add_context`` hooks are registered."""
+        if operation is None or self.hooks is None or not self.hooks.job_add_context_hooks:
+            return None
+        return JobAddContext(operation, self.schema)
+
+    @staticmethod
+    def _added(ctx: JobAddContext, result: Any) -> None:
+        ctx.jobs.extend(result if isinstance(result, list) else [result])
+
     @contextmanager
     def _translated(self) -> Iterator[None]:
         """Re-raise database errors as the library's named exceptions where one fits."""
@@ -177,7 +187,15 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
             # inside begin_nested(): the connection must be fetched within it.
             yield bind.connection() if isinstance(bind, Session) else bind
 
-    def _run(self, op: Op[_T]) -> _T:
+    def _run(self, op: Op[_T], adding: str | None = None) -> _T:
+        """Run ``op``; ``adding`` names an add call (its ``job_add_context`` hooks wrap it)."""
+        ctx = self._add_context(adding)
+        if ctx is not None:
+            assert self.hooks is not None
+            with self.hooks.add_scope(ctx):
+                result = self._run(op)
+                self._added(ctx, result)
+            return result
         request, value = first_request(op)
         if request is None:  # answered without the database
             return value  # type: ignore[return-value]
@@ -196,25 +214,25 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
         """
         identifier = typed_identifier(task, "add_job")
         spec = with_task_defaults(type(task), check_spec(spec, "add_job"))
-        return self._run(self.ops.add_job(identifier, task, spec, "add_job"))
+        return self._run(self.ops.add_job(identifier, task, spec, "add_job"), "add_job")
 
     def add_raw_job(self, identifier: str, payload: Any = None, spec: JobSpec | None = None) -> Job:
         """Enqueue a job by task identifier with a JSON payload (``None`` means ``{}``).
 
         No task's defaults apply: only ``spec`` and the database's defaults.
         """
-        return self._run(self.ops.add_job(identifier, payload, spec))
+        return self._run(self.ops.add_job(identifier, payload, spec), "add_raw_job")
 
     def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
         """Enqueue typed tasks in one statement; ``[]`` without touching the database.
 
         Each job's unset fields take its task class's defaults, as in :meth:`add_job`.
         """
-        return self._run(self.ops.add_jobs(_typed_jobs(jobs)))
+        return self._run(self.ops.add_jobs(_typed_jobs(jobs)), "add_jobs")
 
     def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """Enqueue jobs of any identifiers in one statement."""
-        return self._run(self.ops.add_jobs(check_raw_jobs(jobs)))
+        return self._run(self.ops.add_jobs(check_raw_jobs(jobs)), "add_raw_jobs")
 
     def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's).
@@ -222,7 +240,8 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
         Fields ``spec`` leaves unset take the batch task class's defaults.
         """
         return self._run(
-            self.ops.add_batch_job(items, batch_spec(items, check_spec(spec, "add_batch_job")))
+            self.ops.add_batch_job(items, batch_spec(items, check_spec(spec, "add_batch_job"))),
+            "add_batch_job",
         )
 
     # -- administration -----------------------------------------------------------
@@ -354,7 +373,14 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
         else:
             yield await bind.connection() if isinstance(bind, AsyncSession) else bind
 
-    async def _run(self, op: Op[_T]) -> _T:
+    async def _run(self, op: Op[_T], adding: str | None = None) -> _T:
+        ctx = self._add_context(adding)
+        if ctx is not None:
+            assert self.hooks is not None
+            with self.hooks.add_scope(ctx):
+                result = await self._run(op)
+                self._added(ctx, result)
+            return result
         request, value = first_request(op)
         if request is None:
             return value  # type: ignore[return-value]
@@ -366,26 +392,27 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
         """See :meth:`WorkerUtils.add_job`."""
         identifier = typed_identifier(task, "add_job")
         spec = with_task_defaults(type(task), check_spec(spec, "add_job"))
-        return await self._run(self.ops.add_job(identifier, task, spec, "add_job"))
+        return await self._run(self.ops.add_job(identifier, task, spec, "add_job"), "add_job")
 
     async def add_raw_job(
         self, identifier: str, payload: Any = None, spec: JobSpec | None = None
     ) -> Job:
         """See :meth:`WorkerUtils.add_raw_job`."""
-        return await self._run(self.ops.add_job(identifier, payload, spec))
+        return await self._run(self.ops.add_job(identifier, payload, spec), "add_raw_job")
 
     async def add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[Job]:
         """See :meth:`WorkerUtils.add_jobs`."""
-        return await self._run(self.ops.add_jobs(_typed_jobs(jobs)))
+        return await self._run(self.ops.add_jobs(_typed_jobs(jobs)), "add_jobs")
 
     async def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """See :meth:`WorkerUtils.add_raw_jobs`."""
-        return await self._run(self.ops.add_jobs(check_raw_jobs(jobs)))
+        return await self._run(self.ops.add_jobs(check_raw_jobs(jobs)), "add_raw_jobs")
 
     async def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_batch_job`."""
         return await self._run(
-            self.ops.add_batch_job(items, batch_spec(items, check_spec(spec, "add_batch_job")))
+            self.ops.add_batch_job(items, batch_spec(items, check_spec(spec, "add_batch_job"))),
+            "add_batch_job",
         )
 
     async def remove_job(self, job_key: str) -> Job | None:

@@ -225,12 +225,16 @@ class Executor:
                 takeable=takeable,
             )
             return
-        try:
-            coroutine = entry.invoke(payload, ctx)
-        except Exception as exc:
-            # Not now: the caller may be filling slots, which the outcome would re-enter.
-            self.loop.call_soon(self._handler_ended, record, None, exc)
-            return
+        if self.hooks.job_run_context_hooks:
+            # The context managers are entered in the handler's own task, around it.
+            coroutine = _scoped(self.hooks, record.job, entry.invoke, payload, ctx)
+        else:
+            try:
+                coroutine = entry.invoke(payload, ctx)
+            except Exception as exc:
+                # Not now: the caller may be filling slots, which the outcome would re-enter.
+                self.loop.call_soon(self._handler_ended, record, None, exc)
+                return
         handler = record.handler = asyncio.ensure_future(_guarded(coroutine))
         handler.add_done_callback(functools.partial(self._handler_done, record))
         if limit is not None:
@@ -251,7 +255,11 @@ class Executor:
                 self.loop.call_soon_threadsafe(self._arm, record)
             except RuntimeError:  # the loop is closed: the worker is gone
                 raise ShutdownFailure("the worker stopped before the job started") from None
-        result = entry.invoke(payload, ctx)
+        if self.hooks.job_run_context_hooks:
+            with self.hooks.run_scope(record.job):
+                result = entry.invoke(payload, ctx)
+        else:
+            result = entry.invoke(payload, ctx)
         if result is None or not inspect.isawaitable(result):
             return result
         future = asyncio.run_coroutine_threadsafe(self._await_in_loop(record, result), self.loop)
@@ -522,6 +530,14 @@ async def _guarded(awaitable: Any) -> Any:
         return await awaitable
     except (KeyboardInterrupt, SystemExit) as exc:
         raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
+
+
+async def _scoped(
+    hooks: Hooks, job: Job, invoke: Callable[[Any, WorkerContext], Any], payload: Any, ctx: Any
+) -> Any:
+    """An ``async def`` handler inside the ``job_run_context`` managers."""
+    with hooks.run_scope(job):
+        return await invoke(payload, ctx)
 
 
 def _own_files() -> tuple[str, ...]:

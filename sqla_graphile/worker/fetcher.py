@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..errors import InvalidArgumentType, SchemaNotMigrated
-from ..hooks import Hooks, JobEvent
+from ..hooks import Hooks, JobEvent, JobsFetchedEvent
 from ..job import Job
 from ._aio import Flag, bounded, wait_event
 from .connection import Database, first_line, is_transient
@@ -444,6 +444,8 @@ class Fetcher:
             self._fetch_failed(None)
             raise
         jobs = self.decode(rows)
+        if jobs and self.hooks.has("jobs_fetched"):
+            await self.hooks.emit("jobs_fetched", JobsFetchedEvent(self.worker_id, tuple(jobs)))
         if jobs and self.hooks.has("job_fetch"):
             for job in jobs:
                 await self.hooks.emit("job_fetch", JobEvent(job, self.worker_id))
@@ -468,6 +470,8 @@ class Fetcher:
             self.tasks_suspect = True
             self.nudge.set()
             return
+        if self.hooks.has("jobs_fetched"):
+            self.hooks.emit_soon("jobs_fetched", JobsFetchedEvent(self.worker_id, tuple(jobs)))
         self.take(jobs, idle=True)
         # As after any fetch of what was announced: the next waits until a job ends.
         self.fetch_when_one_ends = True

@@ -18,7 +18,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ..hooks import UNCHANGED, Hooks, JobCompleteEvent, JobFailEvent, JobLockLostEvent
+from ..hooks import (
+    UNCHANGED,
+    Hooks,
+    JobCompleteEvent,
+    JobFailEvent,
+    JobLockLostEvent,
+    JobsWrittenEvent,
+)
 from ..job import Job
 from .connection import Database, HeldConnection
 from .sql import WorkerStatements
@@ -246,6 +253,7 @@ class OutcomeWriter:
         )
         if result is None:
             return
+        await self._written("complete", len(batch))
         done, retried = result
         missing = [job_id for job_id in ids if job_id not in done]
         if missing and retried:
@@ -291,6 +299,7 @@ class OutcomeWriter:
         )
         if result is None:
             return
+        await self._written("fail", len(batch))
         written, retried = result
         missing = [job_id for job_id in ids if job_id not in written]
         earlier: set[int] = set()
@@ -314,6 +323,10 @@ class OutcomeWriter:
             await self._report_failure(failure, job, row)
         if queue_released:
             self._on_released()
+
+    async def _written(self, outcome: str, size: int) -> None:
+        if self._hooks.has("jobs_written"):
+            await self._hooks.emit("jobs_written", JobsWrittenEvent(self._worker_id, outcome, size))
 
     async def _report_failure(self, failure: Failure, job: Job, row: Any) -> None:
         _, attempts, max_attempts, run_at = row
