@@ -1,6 +1,7 @@
 """Worker benchmark: Node graphile-worker 0.18 and sqla-graphile, same database, one run.
 
     python benchmarks/worker.py [--database-url URL] [--quick] [--repeats N] [--json PATH]
+    python benchmarks/worker.py --otel [--quick] [--repeats N]
 
 Measures, each configuration on its own freshly migrated worker schema:
 
@@ -16,6 +17,12 @@ Measures, each configuration on its own freshly migrated worker schema:
    Median and 90th percentile of the samples of several short rounds, each after a
    warm-up.
 
+With ``--otel`` only our batched configuration runs, without instrumentation and with
+``sqla_graphile.otel`` (metrics and queue gauges; then also tracing, every run span
+recorded, and with a 1 % sampler), its spans and metrics exported through the SDK's
+batching processor and periodic reader to exporters that drop them: the overhead of
+instrumentation, printed as ratios to the run without it.
+
 Rounds rotate who goes first, so a machine busy with something else slows all alike;
 throughput is the best round. Node runs, through ``benchmarks/node/worker.mjs``, on a
 schema our migrations created. The exit status is 0 even when a target is missed.
@@ -30,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,7 @@ import psycopg
 from common import Schemas, database_url, parser, verdict, versions
 from sqlalchemy import create_engine, text
 
-from sqla_graphile import Worker, WorkerContext, task
+from sqla_graphile import Hooks, Worker, WorkerContext, task
 from sqla_graphile.schema import quote_schema
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +73,9 @@ LATENCY_TARGET = 0.8
 
 #: Our batched configuration: a larger local queue (batched writes are the default).
 OURS_BATCHED: dict[str, Any] = {"local_queue_size": 500}
+
+#: With tracing and metrics on, batched throughput at least this share of it without.
+OTEL_TARGET = 0.9
 
 
 @dataclass(frozen=True)
@@ -190,10 +200,22 @@ def node_once(process: NodeProcess) -> Callable[[str], float]:
     return lambda schema: float(process.ask({"cmd": "once"})["seconds"])
 
 
-def ours_once(db: Database, handler: Any, settings: dict[str, Any]) -> Callable[[str], float]:
+def ours_once(
+    db: Database,
+    handler: Any,
+    settings: dict[str, Any],
+    hooks: Callable[[], Hooks] | None = None,
+) -> Callable[[str], float]:
+    """Run a fresh worker once; ``hooks`` makes the hooks of each (instrumented) run."""
+
     def run(schema: str) -> float:
         worker = Worker(
-            db.sqlalchemy_url, [handler], schema=schema, concurrency=CONCURRENCY, **settings
+            db.sqlalchemy_url,
+            [handler],
+            schema=schema,
+            concurrency=CONCURRENCY,
+            hooks=hooks() if hooks is not None else None,
+            **settings,
         )
         started = time.perf_counter()
         worker.run_once()
@@ -485,6 +507,176 @@ def latency(
             table.append((f"latency x{sizes.latency_count}: {lat.label}", "-", cell, "-", "-"))
 
 
+# -- instrumentation overhead (--otel) ----------------------------------------------------
+
+
+@dataclass
+class Telemetry:
+    """OpenTelemetry SDK providers exporting to nowhere, as a real pipeline would, minus I/O."""
+
+    label: str
+    description: str
+    tracing: bool
+    sample_ratio: float
+    close: list[Callable[[], Any]] = field(default_factory=list)
+    spans: list[int] = field(default_factory=lambda: [0])
+
+    def configure(self, db: Database, schema: str) -> Callable[[], Hooks]:
+        """The providers, queue gauges on ``schema``, and a maker of instrumented hooks."""
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import (
+            MetricExporter,
+            MetricExportResult,
+            MetricsData,
+            PeriodicExportingMetricReader,
+        )
+        from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        from sqla_graphile.otel import instrument, observe_queues
+
+        counted = self.spans
+
+        class DropSpans(SpanExporter):
+            def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+                counted[0] += len(spans)
+                return SpanExportResult.SUCCESS
+
+        class DropMetrics(MetricExporter):
+            def export(
+                self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+            ) -> MetricExportResult:
+                return MetricExportResult.SUCCESS
+
+            def force_flush(self, timeout_millis: float = 10_000) -> bool:
+                return True
+
+            def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+                pass
+
+        meters = MeterProvider(
+            metric_readers=[
+                PeriodicExportingMetricReader(DropMetrics(), export_interval_millis=1000)
+            ]
+        )
+        tracers = TracerProvider(sampler=ParentBased(TraceIdRatioBased(self.sample_ratio)))
+        tracers.add_span_processor(BatchSpanProcessor(DropSpans()))
+        gauges = observe_queues(db.engine, schema=schema, meter_provider=meters)
+        self.close += [gauges.close, tracers.shutdown, meters.shutdown]
+        tracing = self.tracing
+
+        def hooks() -> Hooks:
+            made = Hooks()
+            instrument(made, tracer_provider=tracers, meter_provider=meters, tracing=tracing)
+            return made
+
+        return hooks
+
+
+TELEMETRY = [
+    Telemetry("ours_batched_metrics", "metrics and queue gauges", False, 1.0),
+    Telemetry("ours_batched_otel_1pct", "metrics + tracing, 1 % of runs sampled", True, 0.01),
+    Telemetry("ours_batched_otel", "metrics + tracing, every run recorded", True, 1.0),
+]
+
+
+def otel_overhead(
+    db: Database,
+    sizes: Sizes,
+    repeats: int,
+    results: dict[str, Any],
+    table: list[tuple[str, str, str, str, str]],
+) -> None:
+    """Our batched configuration without and with instrumentation, in rotating rounds."""
+    cpu: dict[str, list[float]] = {}
+
+    def with_cpu(label: str, run: Callable[[str], float]) -> Callable[[str], float]:
+        """``run``, also noting the CPU seconds this process spent (all its threads)."""
+        spent = cpu[label] = []
+
+        def measured(schema: str) -> float:
+            before = time.process_time()
+            seconds = run(schema)
+            spent.append(time.process_time() - before)
+            return seconds
+
+        return measured
+
+    off = Config(
+        "ours_batched",
+        "no instrumentation",
+        with_cpu("ours_batched", ours_once(db, noop, OURS_BATCHED)),
+    )
+    configs = [off]
+    try:
+        for setup in TELEMETRY:
+            schema = db.fresh_schema(setup.label)
+            hooks = setup.configure(db, schema)
+            configs.append(
+                Config(
+                    setup.label,
+                    setup.description,
+                    with_cpu(setup.label, ours_once(db, noop, OURS_BATCHED, hooks)),
+                    schema,
+                )
+            )
+        print("instrumentation overhead, our batched configuration (def handler):")
+        measure_throughput(db, configs, sizes, repeats)
+    finally:
+        for setup in TELEMETRY:
+            for close in setup.close:
+                close()
+
+    def cpu_per_job(label: str) -> float:
+        """Microseconds of this process's CPU per job: the best round less the startup."""
+        # After the warm-up, each round ran once on an empty queue, then on the jobs.
+        spent = cpu[label][1:]
+        startup, rounds = min(spent[0::2]), spent[1::2]
+        return max(0.0, min(rounds) - startup) / sizes.jobs * 1e6
+
+    base = off.best(sizes.jobs)
+    base_cpu = cpu_per_job(off.label)
+    results["otel"] = {}
+    measured: list[tuple[Config, Telemetry | None]] = [(off, None)]
+    measured += zip(configs[1:], TELEMETRY, strict=True)
+    for config, telemetry in measured:
+        ratio = config.best(sizes.jobs) / base
+        entry: dict[str, Any] = {
+            "description": config.description,
+            "jobs_per_second": config.rates(sizes.jobs),
+            "best_jobs_per_second": config.best(sizes.jobs),
+            "ratio_to_off": ratio,
+            "cpu_microseconds_per_job": cpu_per_job(config.label),
+        }
+        target = "-"
+        if telemetry is not None:
+            entry["spans_exported"] = telemetry.spans[0]
+        if config.label == "ours_batched_otel":
+            entry.update(target=OTEL_TARGET, met=ratio >= OTEL_TARGET)
+            target = f">= {OTEL_TARGET:.2f}x {verdict(ratio >= OTEL_TARGET)}"
+        results["otel"][config.label] = entry
+        rates = config.rates(sizes.jobs)
+        cell = f"{max(rates):,.0f} jobs/s"
+        if len(rates) > 1:
+            cell += f" ({min(rates):,.0f}-{max(rates):,.0f})"
+        spans = f", {telemetry.spans[0]:,} spans" if telemetry and telemetry.tracing else ""
+        per_job = cpu_per_job(config.label)
+        table.append(
+            (
+                f"{sizes.jobs:,} jobs, batched: {config.description}{spans}",
+                cell,
+                f"{per_job:.1f} us ({per_job / base_cpu:.2f}x)",
+                f"{ratio:.2f}x",
+                target,
+            )
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parser(
         (__doc__ or "").split("\n\n")[0],
@@ -493,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     options.add_argument(
         "--only", choices=("throughput", "latency"), help="run one of the two measurements"
+    )
+    options.add_argument(
+        "--otel",
+        action="store_true",
+        help="instead, measure the overhead of OpenTelemetry instrumentation on our batched "
+        "throughput (needs the otel extra and opentelemetry-sdk)",
     )
     args = options.parse_args(argv)
     url = database_url(args, options)
@@ -513,22 +711,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{sizes.jobs:,} no-op jobs at concurrency {CONCURRENCY}, best of {repeats} round(s); "
         "each configuration on its own migrated schema\n"
     )
-    if not node:
+    if not node and not args.otel:
         print("node not found: only our side is measured, no ratios\n")
 
     results: dict[str, Any] = {}
     table: list[tuple[str, str, str, str, str]] = []
     try:
-        if args.only in (None, "throughput"):
-            throughput(db, node, sizes, repeats, environment, results, table)
-        if args.only in (None, "latency"):
-            latency(db, node, sizes, results, table)
+        if args.otel:
+            otel_overhead(db, sizes, repeats, results, table)
+        else:
+            if args.only in (None, "throughput"):
+                throughput(db, node, sizes, repeats, environment, results, table)
+            if args.only in (None, "latency"):
+                latency(db, node, sizes, results, table)
     finally:
         db.drop_schemas()
         engine.dispose()
 
     environment["load_after"] = [round(x, 2) for x in os.getloadavg()]
     header = ("measurement", "node", "ours", "ratio", "target")
+    if args.otel:
+        header = ("measurement", "throughput", "CPU per job", "vs none", "target")
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     print()
     for row in [header, *table]:
