@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, text
+from worker_fixtures import await_for, execute, fetch_session, running
 
 from sqla_graphile import (
     AsyncWorkerUtils,
@@ -790,3 +791,35 @@ def test_batch_events_report_fetches_and_writes(engine: Engine, schema: str) -> 
     for event in written:
         sizes[event.outcome] = sizes.get(event.outcome, 0) + event.size
     assert sizes == {"complete": 4, "fail": 1}
+
+
+async def test_a_quick_fetch_reports_its_jobs_too(engine: Engine, schema: str) -> None:
+    hooks = Hooks()
+    seen: list[int] = []
+
+    @hooks.on("jobs_fetched")
+    async def fetched(event: JobsFetchedEvent) -> None:  # run as a task of its own
+        seen.extend(job.id for job in event.jobs)
+
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @task("quick")
+    async def quick(payload: Any, ctx: WorkerContext) -> None:
+        started.set()
+        await release.wait()  # no fetch after it until the check below
+
+    worker = Worker(engine, [quick], schema=schema, poll_interval=600, hooks=hooks)
+    async with running(worker):
+        pid = await await_for(lambda: fetch_session(worker), what="an idle fetcher")
+        (before,) = execute(engine, "select clock_timestamp() as at")
+        job = WorkerUtils(engine, schema).add_raw_job("quick", {})
+        await await_for(started.is_set, what="the handler")
+        # The idle worker locked it with the prepared statement of its quick fetch.
+        (activity,) = execute(
+            engine, "select query, query_start from pg_stat_activity where pid = :pid", pid=pid
+        )
+        assert activity["query"].startswith("PREPARE sqla_graphile_fetch_")
+        assert activity["query_start"] > before["at"]
+        await await_for(lambda: seen == [job.id], what="the jobs_fetched event")
+        release.set()
+    worker.close()
