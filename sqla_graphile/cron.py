@@ -69,6 +69,8 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from ._urls import async_engine_from_url
+from .durations import TIME_UNITS as TIME_UNITS
+from .durations import parse_time_phrase
 from .errors import CrontabError, InvalidArgument, InvalidArgumentType, PayloadNotSerializable
 from .functions import worker_functions
 from .hooks import Hooks
@@ -222,38 +224,6 @@ def _parse_schedule(fields: Sequence[str], *, line: int | None, where: str) -> _
 
 
 # -- options -----------------------------------------------------------------------------
-
-_TIME_PHRASE_PART = re.compile(r"([0-9]+)([smhdw])")
-#: Duration units of Node's time phrases (also used by the CLI's durations).
-TIME_UNITS = {
-    "s": timedelta(seconds=1),
-    "m": timedelta(minutes=1),
-    "h": timedelta(hours=1),
-    "d": timedelta(days=1),
-    "w": timedelta(weeks=1),
-}
-
-
-def parse_time_phrase(phrase: str) -> timedelta:
-    """The duration of a time phrase such as ``4w3d2h1m`` (units ``s m h d w``).
-
-    Raises :class:`~sqla_graphile.errors.InvalidArgument` (a ``ValueError``) for anything
-    else, an empty phrase included.
-    """
-    if not phrase:
-        raise InvalidArgument("empty time phrase; expected e.g. '1h' or '4w3d2h1m'")
-    total = timedelta(0)
-    position = 0
-    while position < len(phrase):
-        match = _TIME_PHRASE_PART.match(phrase, position)
-        if not match:
-            raise InvalidArgument(
-                f"invalid time phrase '{phrase}': did not understand '{phrase[position:]}'"
-            )
-        total += int(match[1]) * TIME_UNITS[match[2]]
-        position = match.end()
-    return total
-
 
 _LINE = re.compile(r"(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.*)")
 _COMMAND = re.compile(
