@@ -18,7 +18,7 @@ from interop_fixtures import NodeProcess
 from sqlalchemy import Engine, insert, text
 from worker_fixtures import await_for, running
 
-import sqla_graphile.cron
+import sqla_graphile.cron.scheduler
 from sqla_graphile import Hooks, Worker, task
 from sqla_graphile.cron import format_timestamp
 from sqla_graphile.schema import quote_schema, worker_schema
@@ -60,7 +60,7 @@ async def test_node_cron_and_our_worker_cron_schedule_each_minute_once(
     def simulated_now() -> datetime:
         return datetime.now(UTC) + offset
 
-    monkeypatch.setattr(sqla_graphile.cron, "_utc_now", simulated_now)
+    monkeypatch.setattr(sqla_graphile.cron.scheduler, "_utc_now", simulated_now)
     known = worker_schema(schema).private_known_crontabs
     with engine.begin() as connection:
         connection.execute(
