@@ -102,9 +102,9 @@ def test_parse_defaults_comments_blank_lines_and_crlf() -> None:
 )
 def test_parse_payload_json_and_json5(payload: str, expected: dict[str, Any]) -> None:
     if "\n" in payload:  # a crontab line cannot hold a line break; check the reader alone
-        from sqla_graphile.cron.crontab import _loads_json5
+        from sqla_graphile.cron.crontab import loads_json5
 
-        assert _loads_json5(payload) == expected
+        assert loads_json5(payload) == expected
         return
     (item,) = parse_crontab(f"* * * * * t {payload}")
     assert item.payload == expected

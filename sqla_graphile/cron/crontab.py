@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Union
 from urllib.parse import parse_qsl
 
+import json5
+
 from ..durations import parse_time_phrase
 from ..errors import CrontabError, InvalidArgumentType
 from .item import Cron, parse_zone
@@ -26,231 +28,86 @@ _OPTION_KEYS = ("id", "fill", "max", "queue", "jobKey", "jobKeyMode", "priority"
 
 
 # -- JSON5 payloads --------------------------------------------------------------------
+#
+# The json5 package reads the syntax (as Node's json5 does: comments, unquoted keys,
+# single quotes, trailing commas, hexadecimal numbers ...); these hooks give its values
+# the meaning Node gives them, as far as JSON can hold them, and refuse the rest.
 
 
 class _JSON5Error(ValueError):
-    """A JSON5 syntax error, with its character position."""
+    """A payload that is not a JSON5 object JSON can hold; the message says why."""
 
 
-_JSON5_SPACE = frozenset("\t\n\v\f\r \u00a0\u2028\u2029\ufeff")
-_JSON5_ESCAPES = {
-    "b": "\b",
-    "f": "\f",
-    "n": "\n",
-    "r": "\r",
-    "t": "\t",
-    "v": "\v",
-    "'": "'",
-    '"': '"',
-    "\\": "\\",
-    "/": "/",
-}
-_JSON5_NUMBER = re.compile(
-    r"[+-]?(?:(?P<hex>0[xX][0-9a-fA-F]+)|(?P<special>Infinity|NaN)"
-    r"|(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)"
-)
+def _number(literal: str, base: int = 10) -> int | float:
+    """The value of a JSON5 number, given its text (json5 calls this for every number).
 
-
-class _JSON5Reader:
-    """A reader for the JSON5 values Node accepts in crontab payloads.
-
-    Supports comments, unquoted (identifier) keys, single-quoted strings and their
-    escapes, line continuations, trailing commas, hexadecimal and signed numbers, and
-    leading or trailing decimal points. ``NaN`` and ``Infinity`` are refused: JSON
-    cannot store them.
+    Integers, hexadecimal ones included, stay exact even beyond 2**53 (PostgreSQL stores
+    them; a JavaScript double would round them). Other numbers are doubles, and a whole
+    one below 1e21 is an integer, since JavaScript has one number type (``1.0`` and
+    ``1e3`` are ``1`` and ``1000``, as Node writes them). ``NaN``, ``Infinity`` and numbers
+    too large for a double are refused: JSON cannot hold them. ``base`` is ignored: the
+    literal says whether it is hexadecimal.
     """
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-
-    def error(self, message: str) -> _JSON5Error:
-        return _JSON5Error(f"{message} at character {self.pos + 1}")
-
-    def skip(self) -> None:
-        text = self.text
-        while self.pos < len(text):
-            char = text[self.pos]
-            if char in _JSON5_SPACE or char.isspace():
-                self.pos += 1
-            elif text.startswith("//", self.pos):
-                end = min(
-                    (i for i in (text.find(c, self.pos) for c in "\n\r\u2028\u2029") if i >= 0),
-                    default=len(text),
-                )
-                self.pos = end
-            elif text.startswith("/*", self.pos):
-                end = text.find("*/", self.pos + 2)
-                if end < 0:
-                    raise self.error("unterminated comment")
-                self.pos = end + 2
-            else:
-                return
-
-    def document(self) -> Any:
-        value = self.value()
-        self.skip()
-        if self.pos != len(self.text):
-            raise self.error(f"unexpected {self.text[self.pos]!r} after the value")
-        return value
-
-    def value(self) -> Any:
-        self.skip()
-        if self.pos >= len(self.text):
-            raise self.error("unexpected end of input")
-        char = self.text[self.pos]
-        if char == "{":
-            return self.object()
-        if char == "[":
-            return self.array()
-        if char in "'\"":
-            return self.string()
-        for word, result in (("true", True), ("false", False), ("null", None)):
-            if self.text.startswith(word, self.pos):
-                self.pos += len(word)
-                return result
-        return self.number()
-
-    def object(self) -> dict[str, Any]:
-        self.pos += 1
-        result: dict[str, Any] = {}
-        while True:
-            self.skip()
-            if self.text.startswith("}", self.pos):
-                self.pos += 1
-                return result
-            key = self.string() if self.text[self.pos : self.pos + 1] in ("'", '"') else self.name()
-            self.skip()
-            if not self.text.startswith(":", self.pos):
-                raise self.error(f"expected ':' after the key {key!r}")
-            self.pos += 1
-            result[key] = self.value()
-            self.skip()
-            if self.text.startswith(",", self.pos):
-                self.pos += 1
-            elif not self.text.startswith("}", self.pos):
-                raise self.error("expected ',' or '}' in an object")
-
-    def array(self) -> list[Any]:
-        self.pos += 1
-        result: list[Any] = []
-        while True:
-            self.skip()
-            if self.text.startswith("]", self.pos):
-                self.pos += 1
-                return result
-            result.append(self.value())
-            self.skip()
-            if self.text.startswith(",", self.pos):
-                self.pos += 1
-            elif not self.text.startswith("]", self.pos):
-                raise self.error("expected ',' or ']' in an array")
-
-    def name(self) -> str:
-        start = self.pos
-        chars: list[str] = []
-        while self.pos < len(self.text):
-            char = self.text[self.pos]
-            if char == "\\" and self.text.startswith("\\u", self.pos):
-                char = self.hex_escape(self.pos + 2, 4)
-                self.pos += 6
-            elif (
-                char in "$_"
-                or char.isalpha()
-                or (chars and (char.isalnum() or char in "\u200c\u200d"))
-            ):
-                self.pos += 1
-            else:
-                break
-            chars.append(char)
-        if not chars or not (chars[0] in "$_" or chars[0].isalpha()):
-            self.pos = start
-            raise self.error("expected a key (a name or a quoted string)")
-        return "".join(chars)
-
-    def hex_escape(self, at: int, length: int) -> str:
-        digits = self.text[at : at + length]
-        if len(digits) != length or not all(c in "0123456789abcdefABCDEF" for c in digits):
-            raise self.error("invalid escape sequence")
-        return chr(int(digits, 16))
-
-    def string(self) -> str:
-        quote = self.text[self.pos]
-        self.pos += 1
-        chars: list[str] = []
-        text = self.text
-        while True:
-            if self.pos >= len(text):
-                raise self.error("unterminated string")
-            char = text[self.pos]
-            if char == quote:
-                self.pos += 1
-                break
-            if char in "\n\r":
-                raise self.error("unescaped line break in a string")
-            if char != "\\":
-                chars.append(char)
-                self.pos += 1
-                continue
-            escape = text[self.pos + 1 : self.pos + 2]
-            if escape in _JSON5_ESCAPES:
-                chars.append(_JSON5_ESCAPES[escape])
-                self.pos += 2
-            elif escape == "x":
-                chars.append(self.hex_escape(self.pos + 2, 2))
-                self.pos += 4
-            elif escape == "u":
-                chars.append(self.hex_escape(self.pos + 2, 4))
-                self.pos += 6
-            elif escape == "0" and not text[self.pos + 2 : self.pos + 3].isdigit():
-                chars.append("\0")
-                self.pos += 2
-            elif escape in ("\n", "\u2028", "\u2029"):
-                self.pos += 2  # a line continuation
-            elif escape == "\r":
-                self.pos += 3 if text.startswith("\r\n", self.pos + 1) else 2
-            elif escape == "" or escape.isdigit():
-                raise self.error("invalid escape sequence")
-            else:
-                chars.append(escape)
-                self.pos += 2
-        # Pair surrogates written as two \\u escapes, as JavaScript strings do.
-        try:
-            return "".join(chars).encode("utf-16", "surrogatepass").decode("utf-16")
-        except UnicodeDecodeError:
-            raise self.error(
-                "a string holds a lone surrogate, which PostgreSQL cannot store"
-            ) from None
-
-    def number(self) -> int | float:
-        match = _JSON5_NUMBER.match(self.text, self.pos)
-        if not match or match.end() == self.pos:
-            raise self.error(f"unexpected {self.text[self.pos]!r}")
-        literal = match[0]
-        if match["special"]:
-            raise self.error(f"{literal} cannot be stored as JSON")
-        if match.end() < len(self.text) and (
-            self.text[match.end()].isalnum() or self.text[match.end()] in "_$."
-        ):
-            raise self.error(f"invalid number {literal + self.text[match.end()]!r}")
-        self.pos = match.end()
-        sign = -1 if literal.startswith("-") else 1
-        body = literal.lstrip("+-")
-        if match["hex"]:
+    sign = -1 if literal.startswith("-") else 1
+    body = literal.lstrip("+-")
+    if body in ("Infinity", "NaN"):
+        raise _JSON5Error(f"{literal} cannot be stored as JSON")
+    try:
+        if body[:2] in ("0x", "0X"):
             return sign * int(body, 16)
         if not any(c in body for c in ".eE"):
             return sign * int(body)
         number = sign * float(body)
-        if not math.isfinite(number):
-            raise self.error(f"{literal} is too large for JSON")
-        # JavaScript has one number type: 1.0 and 1e3 are the integers 1 and 1000.
-        if number.is_integer() and abs(number) < 1e21:
-            return int(number)
-        return number
+    except ValueError:  # json5 lets an exponent without digits through ("1e")
+        raise _JSON5Error(f"invalid number '{literal}'") from None
+    if not math.isfinite(number):
+        raise _JSON5Error(f"{literal} is too large for JSON")
+    if number.is_integer() and abs(number) < 1e21:
+        return int(number)
+    return number
 
 
-def _loads_json5(text: str) -> Any:
-    return _JSON5Reader(text).document()
+def _text(value: str) -> str:
+    """``value`` with surrogate pairs joined into characters, as in JavaScript strings.
+
+    A lone surrogate is refused: PostgreSQL cannot store it.
+    """
+    try:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise _JSON5Error(
+            "a string holds a lone surrogate, which PostgreSQL cannot store"
+        ) from None
+
+
+def _strings(value: Any) -> Any:
+    """``value`` with :func:`_text` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, list):
+        return [_strings(item) for item in value]
+    if isinstance(value, dict):
+        return {_text(key): _strings(item) for key, item in value.items()}
+    return value
+
+
+# json5's messages start with the document's name and line; a payload has one line.
+_JSON5_WHERE = re.compile(r"^<string>:\d+ ")
+
+
+def loads_json5(text: str) -> Any:
+    """The value of the JSON5 document ``text``, read as Node reads it.
+
+    Raises :class:`_JSON5Error` (a ``ValueError``) saying what is wrong with it.
+    """
+    try:
+        value = json5.loads(text, parse_int=_number, parse_float=_number, parse_constant=_number)
+    except ValueError as exc:  # the hooks' refusals included
+        raise _JSON5Error(_JSON5_WHERE.sub("", str(exc))) from None
+    except RecursionError:
+        # json5 reads nested values recursively, a few dozen levels deep at most.
+        raise _JSON5Error("the value is nested too deeply") from None
+    return _strings(value)
 
 
 # -- parsing text ----------------------------------------------------------------------
@@ -348,7 +205,7 @@ def parse_crontab(text: str) -> list[Cron]:
         payload: Any = None
         if command["payload"] is not None:
             try:
-                payload = _loads_json5(command["payload"])
+                payload = loads_json5(command["payload"])
             except _JSON5Error as exc:
                 raise CrontabError(
                     f"{where}, payload: invalid JSON5 object: {exc}", line=number, field="payload"
