@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ._admin import JobState
 from ._urls import engine_from_url, normalize_url, redact, redact_url, url_secrets
-from .cron import TIME_UNITS
+from .durations import parse_duration as _parse_duration
 from .errors import DatabaseNewerThanLibrary, GraphileWorkerError, sqlstate_of, translate_db_error
 from .functions import worker_functions
 from .health import DEFAULT_HEALTH_HOST
@@ -49,10 +49,6 @@ __all__ = ["EXIT_BREAKING_MIGRATION", "SUPPORTED_URLS", "main", "parse_duration"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-# Node's time-phrase units, plus milliseconds and fractions for operators' convenience.
-_UNITS = {"ms": timedelta(milliseconds=1), **TIME_UNITS}
-
 #: Exit status when the worker schema holds a breaking migration newer than this library
 #: (Node's): supervisors restart the worker, which must be upgraded first.
 EXIT_BREAKING_MIGRATION = 57
@@ -62,16 +58,12 @@ SUPPORTED_URLS = "postgresql://, postgres:// or postgresql+psycopg:// (psycopg 3
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse ``30s``, ``5m``, ``1h30m``, ``250ms`` or plain seconds (``90``)."""
-    value = text.strip()
-    if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        return timedelta(seconds=float(value))
-    if not value or _DURATION_PART.sub("", value) != "":
-        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m)")
-    total = timedelta(0)
-    for amount, unit in _DURATION_PART.findall(value):
-        total += float(amount) * _UNITS[unit]
-    return total
+    """Parse ``30s``, ``5m``, ``1h30m``, ``250ms`` or plain seconds (``90``).
+
+    The grammar of :func:`sqla_graphile.durations.parse_duration`, crontab time phrases'
+    superset.
+    """
+    return _parse_duration(text)
 
 
 def parse_time(text: str) -> datetime:

@@ -102,9 +102,9 @@ def test_parse_defaults_comments_blank_lines_and_crlf() -> None:
 )
 def test_parse_payload_json_and_json5(payload: str, expected: dict[str, Any]) -> None:
     if "\n" in payload:  # a crontab line cannot hold a line break; check the reader alone
-        from sqla_graphile.cron import _loads_json5
+        from sqla_graphile.cron.crontab import loads_json5
 
-        assert _loads_json5(payload) == expected
+        assert loads_json5(payload) == expected
         return
     (item,) = parse_crontab(f"* * * * * t {payload}")
     assert item.payload == expected
@@ -319,6 +319,44 @@ def test_time_phrases_and_timestamps() -> None:
     assert format_timestamp(paris) == "2026-07-01T07:05:07.123Z"
     with pytest.raises(ValueError):
         format_timestamp(datetime(2026, 1, 1))
+
+
+def test_the_cron_package_keeps_its_names() -> None:
+    import sqla_graphile.cron as cron
+
+    assert sorted(cron.__all__) == sorted(
+        [
+            "CRON_KEY",
+            "Cron",
+            "CronInfo",
+            "CronJobScheduledEvent",
+            "CronScheduler",
+            "CronTickEvent",
+            "CrontabError",
+            "CrontabSource",
+            "format_timestamp",
+            "load_crontab",
+            "parse_crontab",
+            "parse_crontab_file",
+            "parse_time_phrase",
+        ]
+    )
+    # Importable from the package as before, though not in __all__.
+    for name in [*cron.__all__, "TIME_UNITS", "ONE_MINUTE", "Clock", "ConnectionFactory", "Sleep"]:
+        assert getattr(cron, name) is not None, name
+    assert cron.CrontabError is CrontabError
+    # One concern a module, each short enough to read.
+    modules = sorted(Path(cron.__file__).parent.glob("*.py"))
+    assert [m.stem for m in modules] == [
+        "__init__",
+        "crontab",
+        "fields",
+        "item",
+        "scheduler",
+        "sql",
+    ]
+    for module in modules:
+        assert len(module.read_text(encoding="utf-8").splitlines()) < 600, module.name
 
 
 # -- matching --------------------------------------------------------------------------

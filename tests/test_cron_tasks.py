@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy import Engine, insert
 from worker_fixtures import await_for, rows, running
 
-import sqla_graphile.cron
+import sqla_graphile.cron.scheduler
 from sqla_graphile import (
     BatchTaskHandler,
     Hooks,
@@ -95,7 +95,9 @@ async def test_typed_cron_tasks_run_with_ctx_cron(
     engine: Engine, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     offset = SIM_START - datetime.now(UTC)
-    monkeypatch.setattr(sqla_graphile.cron, "_utc_now", lambda: datetime.now(UTC) + offset)
+    monkeypatch.setattr(
+        sqla_graphile.cron.scheduler, "_utc_now", lambda: datetime.now(UTC) + offset
+    )
     known = worker_schema(schema).private_known_crontabs
     with engine.begin() as connection:  # known for an hour: the last 5 minutes backfill
         connection.execute(

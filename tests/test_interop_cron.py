@@ -9,18 +9,23 @@ then race for the live minute.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from interop_fixtures import NodeProcess
+from json5_vectors import CHANGED, CHANGED_READER_ONLY, LENIENT_KEYS, PAYLOADS, READER_ONLY
 from sqlalchemy import Engine, insert, text
 from worker_fixtures import await_for, running
 
-import sqla_graphile.cron
+import sqla_graphile.cron.scheduler
 from sqla_graphile import Hooks, Worker, task
-from sqla_graphile.cron import format_timestamp
+from sqla_graphile.cron import CrontabError, format_timestamp, parse_crontab
+from sqla_graphile.cron.crontab import loads_json5
 from sqla_graphile.schema import quote_schema, worker_schema
 
 pytestmark = pytest.mark.node
@@ -60,7 +65,7 @@ async def test_node_cron_and_our_worker_cron_schedule_each_minute_once(
     def simulated_now() -> datetime:
         return datetime.now(UTC) + offset
 
-    monkeypatch.setattr(sqla_graphile.cron, "_utc_now", simulated_now)
+    monkeypatch.setattr(sqla_graphile.cron.scheduler, "_utc_now", simulated_now)
     known = worker_schema(schema).private_known_crontabs
     with engine.begin() as connection:
         connection.execute(
@@ -138,3 +143,108 @@ async def test_node_cron_and_our_worker_cron_schedule_each_minute_once(
         f"\ncron: our worker scheduled {len(python_did)} of {len(jobs)} jobs,"
         f" Node {len(jobs) - len(python_did)}"
     )
+
+
+# Node's json5, as graphile-worker 0.18 imports it, reads each vector: its value as JSON
+# (a non-finite number as {"nonFinite": text}), or null if it refuses the text.
+JSON5_SCRIPT = """
+import { createRequire } from "module";
+import { readFileSync } from "fs";
+const fromWorker = createRequire(createRequire(process.env.FIXTURE).resolve("graphile-worker"));
+const JSON5 = fromWorker("json5");
+const replace = (key, value) =>
+  typeof value === "number" && !Number.isFinite(value) ? { nonFinite: String(value) } : value;
+const results = JSON.parse(readFileSync(0, "utf8")).map((text) => {
+  try {
+    return JSON.stringify(JSON5.parse(text), replace);
+  } catch {
+    return null;
+  }
+});
+console.log(JSON.stringify(results));
+"""
+
+
+def _as_javascript(value: Any) -> Any:
+    """``value`` with every number a double, as JavaScript has them."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list):
+        return [_as_javascript(item) for item in value]
+    return {key: _as_javascript(item) for key, item in value.items()}
+
+
+def _json_cannot_hold(value: Any) -> str | None:
+    """Why PostgreSQL cannot hold Node's ``value`` as JSON, if it cannot."""
+    if isinstance(value, dict) and set(value) == {"nonFinite"}:
+        return "JSON"  # NaN, Infinity or a number beyond a double's range
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone surrogate"
+        return "NUL" if "\0" in value else None
+    items = [*value, *value.values()] if isinstance(value, dict) else value
+    if isinstance(items, list):
+        return next((why for item in items if (why := _json_cannot_hold(item))), None)
+    return None
+
+
+def _read(payload: str) -> Any:
+    """What a crontab line makes of ``payload``, or the error refusing it; what the reader
+    alone makes of it if it cannot be a crontab line's payload."""
+    try:
+        if len(f"* * * * * t {payload}".splitlines()) == 1:
+            (item,) = parse_crontab(f"* * * * * t {payload}")
+            return item.payload
+    except CrontabError as exc:
+        if exc.field != "task":  # else the line's grammar refused it: ask the reader
+            return exc
+    try:
+        return loads_json5(payload)
+    except ValueError as exc:
+        return exc
+
+
+def test_payloads_are_read_as_nodes_json5_reads_them(node_dir: Path, tmp_path: Path) -> None:
+    """Every vector, read here and by Node's json5: the same value (numbers compared as
+    JavaScript doubles, since integers stay exact here), or both refuse; except values
+    PostgreSQL cannot store, which Node takes and this package refuses, and two escaped keys
+    (json5_vectors.LENIENT_KEYS)."""
+    node = shutil.which("node")
+    assert node is not None
+    vectors = [text for text, _ in PAYLOADS + READER_ONLY + CHANGED + CHANGED_READER_ONLY]
+    script = tmp_path / "json5_vectors.mjs"
+    script.write_text(JSON5_SCRIPT, encoding="utf-8")
+    completed = subprocess.run(
+        [node, str(script)],
+        input=json.dumps(vectors),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env={**os.environ, "FIXTURE": str(node_dir / "package.json")},
+        timeout=60,
+        check=True,
+    )
+    readings = json.loads(completed.stdout)
+    assert len(readings) == len(vectors)
+    agreed = 0
+    for payload, reading in zip(vectors, readings, strict=True):
+        ours = _read(payload)
+        if payload in LENIENT_KEYS:
+            assert reading is None and not isinstance(ours, ValueError), payload
+            continue
+        if reading is None:
+            assert isinstance(ours, ValueError), f"Node refuses {payload!r}; we read {ours!r}"
+            agreed += 1
+            continue
+        nodes = json.loads(reading)
+        if why := _json_cannot_hold(nodes):
+            assert isinstance(ours, ValueError) and why in str(ours), payload
+            continue
+        assert not isinstance(ours, ValueError), f"Node reads {payload!r}; we refuse: {ours}"
+        assert _as_javascript(ours) == nodes, payload
+        agreed += 1
+    assert agreed > 200  # most vectors are neither lenient nor beyond JSON
