@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from .._urls import async_engine_from_url
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, is_transient
 from ..hooks import Hooks
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
 from ..tasks import encode_json_value
@@ -74,13 +74,6 @@ Sleep = Callable[[float], Awaitable[Any]]
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _transient(exc: BaseException) -> bool:
-    # Imported here: the worker package imports this package.
-    from ..worker.connection import is_transient
-
-    return is_transient(exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -202,7 +195,7 @@ class CronScheduler:
         try:
             rows = await self._add_jobs(specs, ts)
         except Exception as exc:
-            if _transient(exc):
+            if is_transient(exc):
                 raise  # a lost connection, say: the cycle restarts, and backfills
             rows = []
             if len(specs) == 1:
@@ -214,7 +207,7 @@ class CronScheduler:
                     try:
                         rows.extend(await self._add_jobs([spec], ts))
                     except Exception as item_exc:
-                        if _transient(item_exc):
+                        if is_transient(item_exc):
                             raise
                         refused(spec, item_exc)
         by_id = {item.identifier: item for item in due}
