@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
+from .._backoff import Backoff
 from .._urls import async_engine_from_url
 from ..errors import InvalidArgument, is_transient
 from ..hooks import Hooks
@@ -63,9 +63,7 @@ class CronJobScheduledEvent:
     of the same key at that moment)."""
 
 
-_RETRY_MIN = 0.2
-_RETRY_MAX = 60.0
-_RETRY_FACTOR = 1.5
+_RETRY = Backoff(first=0.2, factor=1.5, cap=60.0, jitter=(0.5, 1.5))
 
 ConnectionFactory = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
 Clock = Callable[[], datetime]
@@ -323,8 +321,7 @@ class CronScheduler:
                 except Exception as exc:
                     self._attempts += 1
                     # Node's schedule, with jitter against a thundering herd.
-                    base = _RETRY_MIN * _RETRY_FACTOR ** min(self._attempts - 1, 64)
-                    delay = min(base * (0.5 + random.random()), _RETRY_MAX)
+                    delay = _RETRY.delay(self._attempts)
                     logger.error(
                         "cron hit an error; restarting in %.0f ms (attempt %d): %s",
                         delay * 1000,
