@@ -69,12 +69,12 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Executable
 
 from ._urls import async_engine_from_url
+from .codec import encode_json_value
 from .errors import CrontabError, InvalidArgument, InvalidArgumentType, PayloadNotSerializable
 from .functions import worker_functions
 from .hooks import Hooks
 from .schema import DEFAULT_SCHEMA, validate_schema_name, worker_schema
 from .specs import JobKeyMode, unstorable
-from .tasks import encode_json_value
 
 __all__ = [
     "CRON_KEY",
