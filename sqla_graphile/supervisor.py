@@ -44,7 +44,6 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -509,33 +508,6 @@ class _HealthThread:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5.0)
-
-
-@dataclass(frozen=True)
-class _CliWorkers:
-    """The factory of ``graphile-worker run --processes``: each worker as ``run`` builds it."""
-
-    url: str
-    tasks_spec: str
-    options: dict[str, Any]
-    verbose: bool = False
-
-    def __call__(self, slot: WorkerSlot) -> Worker:
-        from ._urls import url_secrets
-        from .cli import _RedactingFormatter, load_tasks
-        from .worker import Worker
-
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            _RedactingFormatter(
-                f"%(asctime)s %(levelname)-7s %(name)s [process {slot.index}]: %(message)s",
-                url_secrets(self.url),
-            )
-        )
-        logging.basicConfig(
-            level=logging.DEBUG if self.verbose else logging.INFO, handlers=[handler]
-        )
-        return Worker(self.url, load_tasks(self.tasks_spec), **self.options)
 
 
 def run_processes(factory: Callable[[WorkerSlot], Worker], processes: int, **options: Any) -> int:
