@@ -9,10 +9,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ..codec import encode_json_value
 from ..durations import parse_time_phrase
 from ..errors import CrontabError, InvalidArgument, PayloadNotSerializable
 from ..specs import JobKeyMode, unstorable
-from ..tasks import encode_json_value
 from .fields import Schedule, parse_schedule, utc_minute
 
 #: The payload key under which the scheduler stamps a cron job's minute (as Node does).

@@ -20,10 +20,10 @@ from sqlalchemy.pool import NullPool
 
 from .._backoff import Backoff
 from .._urls import async_engine_from_url
+from ..codec import encode_json_value
 from ..errors import InvalidArgument, is_transient
 from ..hooks import Hooks
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
-from ..tasks import encode_json_value
 from .crontab import CrontabSource, load_crontab
 from .fields import ONE_MINUTE, ceil_minute, floor_minute, utc_minute
 from .item import Cron, format_timestamp

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..codec import encode_payload
 from ..cron import Cron, CronScheduler
 from ..errors import DatabaseNewerThanLibrary, SchemaNotMigrated
 from ..hooks import Hooks, WorkerFenceEvent, WorkerStartEvent, WorkerStopEvent
@@ -271,7 +272,7 @@ class WorkerRun:
             self.hooks,
             complete_delay=worker.complete_batch_delay,
             fail_delay=worker.fail_batch_delay,
-            encode=_encode,
+            encode=encode_payload,
             on_released=self._on_released,
         )
         self.executor = Executor(
@@ -503,9 +504,3 @@ class WorkerRun:
 
 class _ShutdownError(Exception):
     """A job interrupted by the worker's shutdown."""
-
-
-def _encode(value: Any) -> str:
-    from ..tasks import encode_payload
-
-    return encode_payload(value)

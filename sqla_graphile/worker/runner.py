@@ -28,7 +28,6 @@ from ..errors import (
     InvalidArgumentType,
     WorkerAlreadyRunning,
 )
-from ..health import WorkerStatus
 from ..hooks import Hooks
 from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
@@ -37,6 +36,7 @@ from ..utils import WorkerUtils
 from .connection import configure_engine, worker_engine
 from .fetcher import LOCAL_QUEUE_HORIZON, ForbiddenFlags
 from .run import RunSettings, WorkerRun, install_signals
+from .status import WorkerStatus
 from .tasks import TaskRegistry
 
 __all__ = ["ForbiddenFlags", "Worker"]
