@@ -2,7 +2,7 @@
 
 * :class:`WorkerStatus` is what a running worker says of itself
   (:attr:`Worker.status <sqla_graphile.worker.Worker.status>`): whether it runs, listens,
-  heartbeats, reaches the database, is fenced or shutting down.
+  heartbeats, reaches the database, is fenced, shutting down, or has a handler stuck.
 * :class:`HealthServer` answers ``GET /livez`` and ``GET /readyz`` with ``200`` or
   ``503`` and a small JSON body, from an asyncio loop, with the standard library alone;
   :func:`serve_health` serves a worker's status while it runs (``graphile-worker run
@@ -88,11 +88,15 @@ class WorkerStatus:
     """Its last database statement succeeded (none has failed since)."""
     heartbeat_age: float | None = None
     heartbeat_interval: float | None = None
+    stuck_jobs: tuple[int, ...] = ()
+    """Jobs whose ``def`` handler still runs ``overtime_limit`` seconds past their time
+    limit (they were failed then): each holds a slot and a thread that only a restart of
+    the process gets back."""
 
     @property
     def live(self) -> bool:
-        """Whether the worker should be left running: it is not fenced."""
-        return not self.fenced
+        """Whether the worker should be left running: not fenced, no handler stuck."""
+        return not self.fenced and not self.stuck_jobs
 
     @property
     def heartbeat_fresh(self) -> bool:
@@ -112,6 +116,9 @@ class WorkerStatus:
             found.append("not running")
         if self.fenced:
             found.append("fenced: its heartbeats failed for longer than its lease")
+        if self.stuck_jobs:
+            jobs = ", ".join(map(str, self.stuck_jobs))
+            found.append(f"handler thread stuck past its time limit (job {jobs})")
         if self.running and not self.stopping:
             if not self.connected:
                 found.append("its database statements are failing")
@@ -124,7 +131,7 @@ class WorkerStatus:
 
     @property
     def ready(self) -> bool:
-        """Running, connected, listening (if it listens), heartbeating, not fenced or stopping."""
+        """Running, connected, listening (if it does), heartbeating; not fenced, stopping, stuck."""
         return not self.problems()
 
     def as_dict(self) -> dict[str, Any]:
@@ -240,7 +247,7 @@ class HealthServer:
 
 
 def worker_probe(worker: Worker) -> Probe:
-    """The probe of one worker: live unless fenced, ready per :attr:`WorkerStatus.ready`."""
+    """The probe of one worker: per :attr:`WorkerStatus.live` and :attr:`WorkerStatus.ready`."""
 
     def probe(kind: str) -> tuple[bool, dict[str, Any]]:
         status = worker.status
@@ -256,7 +263,8 @@ def serve_health(worker: Worker, port: int, host: str = DEFAULT_HEALTH_HOST) -> 
     The socket is bound now (an ``OSError`` if the port is taken); the endpoint answers
     from the worker's own event loop, from its start (the ``worker_start`` hook) until
     every outcome is written at its stop (``worker_stop``), so an answer also proves
-    that loop responsive. ``/livez`` fails when the worker is fenced, ``/readyz`` per
+    that loop responsive. ``/livez`` fails when the worker is fenced or a handler thread
+    is stuck past its time limit (:attr:`WorkerStatus.live`), ``/readyz`` per
     :attr:`WorkerStatus.ready` (and so from the moment a shutdown begins).
     """
     server = HealthServer(worker_probe(worker), bind_health_socket(host, port))
