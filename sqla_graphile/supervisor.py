@@ -15,6 +15,13 @@ application uses every core despite the GIL. Then:
   ``sweep_threshold + sweep_interval`` at most after its last heartbeat.
 * **More than ``max_crashes`` deaths within ``crash_window`` seconds** (all slots
   together) stop every process gracefully, and :meth:`Supervisor.run` returns ``1``.
+* **A process with a stuck handler thread is recycled**: a ``def`` handler still running
+  its worker's ``overtime_limit`` (30 s by default) after its job's time limit cannot be
+  stopped, and holds a slot and a thread. Its worker then stops gracefully (the other
+  jobs get the usual grace period; the stuck thread is not waited for) and its process
+  exits with status 58 (:data:`EXIT_RECYCLED`); it is started again at once, without
+  backoff, and not counted as a death towards ``max_crashes`` (each recycle follows a
+  job failed at its time limit, so it cannot loop faster than jobs time out).
 * **A process exiting with status 57** (a breaking migration newer than this library)
   is not restarted: every process is stopped and ``run`` returns ``57``.
 * **SIGTERM or SIGINT** to the supervisor is passed on to every process as a SIGTERM (a
@@ -70,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_BREAKING_MIGRATION",
     "EXIT_CRASHED",
+    "EXIT_RECYCLED",
     "Supervisor",
     "WorkerSlot",
     "describe_exit",
@@ -83,6 +91,9 @@ logger = logging.getLogger("sqla_graphile.supervisor")
 EXIT_BREAKING_MIGRATION = 57
 #: The supervisor's status when its processes kept dying (or one failed to stop cleanly).
 EXIT_CRASHED = 1
+#: A worker process's status when it stopped to be recycled: a ``def`` handler's thread
+#: was still running its worker's ``overtime_limit`` after its job's time limit.
+EXIT_RECYCLED = 58
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: How often a process publishes its status (and the supervisor looks at it).
@@ -237,8 +248,9 @@ def _watch_parent(worker: Worker) -> None:
 
 
 def _child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: Any) -> None:
-    """A worker process: build the worker, run it, exit 0, 1 or 57."""
+    """A worker process: build the worker, run it, exit 0, 1, 57 or 58."""
     from .worker import Worker
+    from .worker.watchdog import HandlerStuck
 
     # Off the terminal's process group: a Ctrl-C reaches us once, through the supervisor.
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: not POSIX
@@ -254,6 +266,7 @@ def _child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: An
             raise TypeError(f"the worker factory returned {type(worker).__name__}, not a Worker")
         if not slot.cron:
             worker.crontab = []
+        worker._recycle_when_stuck = True  # a new process is the way to get a thread back
         publisher = _Publisher(worker, boards[slot.index])
         _watch_parent(worker)
         try:
@@ -264,6 +277,9 @@ def _child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: An
     except DatabaseNewerThanLibrary as exc:
         logger.error("%s", " ".join(str(exc).split()))
         code = EXIT_BREAKING_MIGRATION
+    except HandlerStuck as exc:
+        logger.warning("worker process %d recycled: %s", slot.index, exc)
+        code = EXIT_RECYCLED
     except BaseException:
         logger.exception("worker process %d failed", slot.index)
     finally:
@@ -509,7 +525,7 @@ class Supervisor:
         process.close()
         what = f"worker process {slot.index} (pid {pid}, worker {worker_id})"
         if self._stopping:
-            if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            if code in (0, EXIT_RECYCLED, -signal.SIGTERM, -signal.SIGINT):
                 logger.info("%s stopped", what)
             elif code == EXIT_BREAKING_MIGRATION:
                 self.exit_code = EXIT_BREAKING_MIGRATION
@@ -533,6 +549,16 @@ class Supervisor:
             self.exit_code = EXIT_BREAKING_MIGRATION
             self.failure = f"{what} {describe_exit(code)}: a breaking migration"
             self._begin_stop()
+            return
+        if code == EXIT_RECYCLED:
+            # A clean stop on purpose, not a crash: started again at once.
+            slot.deaths = 0
+            slot.restart_at = now
+            logger.warning(
+                "%s recycled (%s: a handler thread stuck past its time limit); restarting it now",
+                what,
+                describe_exit(code),
+            )
             return
         ran = now - slot.started
         self._deaths.append(now)
