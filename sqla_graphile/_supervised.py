@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_BREAKING_MIGRATION",
     "EXIT_CRASHED",
+    "EXIT_RECYCLED",
     "PUBLISH_INTERVAL",
     "STOP_SIGNALS",
     "Board",
@@ -49,6 +50,9 @@ logger = logging.getLogger("sqla_graphile.supervisor")
 EXIT_BREAKING_MIGRATION = 57
 #: The supervisor's status when its processes kept dying (or one failed to stop cleanly).
 EXIT_CRASHED = 1
+#: A worker process's status when it stopped to be recycled: a ``def`` handler's thread
+#: was still running its worker's ``overtime_limit`` after its job's time limit.
+EXIT_RECYCLED = 58
 #: What stops a worker (and the supervisor): passed on as SIGTERM.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: How often a process publishes its status (and the supervisor looks at it).
@@ -188,8 +192,9 @@ def _watch_parent(worker: Worker) -> None:
 
 
 def child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: Any) -> None:
-    """A worker process: build the worker, run it, exit 0, 1 or 57."""
+    """A worker process: build the worker, run it, exit 0, 1, 57 or 58."""
     from .worker import Worker
+    from .worker.watchdog import HandlerStuck
 
     # Off the terminal's process group: a Ctrl-C reaches us once, through the supervisor.
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: not POSIX
@@ -205,6 +210,7 @@ def child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: Any
             raise TypeError(f"the worker factory returned {type(worker).__name__}, not a Worker")
         if not slot.cron:
             worker.crontab = []
+        worker._recycle_when_stuck = True  # a new process is the way to get a thread back
         publisher = _Publisher(worker, boards[slot.index])
         _watch_parent(worker)
         try:
@@ -215,6 +221,9 @@ def child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: Any
     except DatabaseNewerThanLibrary as exc:
         logger.error("%s", " ".join(str(exc).split()))
         code = EXIT_BREAKING_MIGRATION
+    except HandlerStuck as exc:
+        logger.warning("worker process %d recycled: %s", slot.index, exc)
+        code = EXIT_RECYCLED
     except BaseException:
         logger.exception("worker process %d failed", slot.index)
     finally:

@@ -2,7 +2,7 @@
 
 * :class:`WorkerStatus` is what a running worker says of itself
   (:attr:`Worker.status <sqla_graphile.worker.Worker.status>`): whether it runs, listens,
-  heartbeats, reaches the database, is fenced or shutting down.
+  heartbeats, reaches the database, is fenced, shutting down, or has a handler stuck.
 * :class:`HealthServer` answers ``GET /livez`` and ``GET /readyz`` with ``200`` or
   ``503`` and a small JSON body, from an asyncio loop, with the standard library alone;
   :func:`serve_health` serves a worker's status while it runs (``graphile-worker run
@@ -169,7 +169,7 @@ class HealthServer:
 
 
 def worker_probe(worker: Worker) -> Probe:
-    """The probe of one worker: live unless fenced, ready per :attr:`WorkerStatus.ready`."""
+    """The probe of one worker: per :attr:`WorkerStatus.live` and :attr:`WorkerStatus.ready`."""
 
     def probe(kind: str) -> tuple[bool, dict[str, Any]]:
         status = worker.status
@@ -185,7 +185,8 @@ def serve_health(worker: Worker, port: int, host: str = DEFAULT_HEALTH_HOST) -> 
     The socket is bound now (an ``OSError`` if the port is taken); the endpoint answers
     from the worker's own event loop, from its start (the ``worker_start`` hook) until
     every outcome is written at its stop (``worker_stop``), so an answer also proves
-    that loop responsive. ``/livez`` fails when the worker is fenced, ``/readyz`` per
+    that loop responsive. ``/livez`` fails when the worker is fenced or a handler thread
+    is stuck past its time limit (:attr:`WorkerStatus.live`), ``/readyz`` per
     :attr:`WorkerStatus.ready` (and so from the moment a shutdown begins).
     """
     server = HealthServer(worker_probe(worker), bind_health_socket(host, port))

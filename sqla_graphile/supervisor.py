@@ -15,6 +15,13 @@ application uses every core despite the GIL. Then:
   ``sweep_threshold + sweep_interval`` at most after its last heartbeat.
 * **More than ``max_crashes`` deaths within ``crash_window`` seconds** (all slots
   together) stop every process gracefully, and :meth:`Supervisor.run` returns ``1``.
+* **A process with a stuck handler thread is recycled**: a ``def`` handler still running
+  its worker's ``overtime_limit`` (30 s by default) after its job's time limit cannot be
+  stopped, and holds a slot and a thread. Its worker then stops gracefully (the other
+  jobs get the usual grace period; the stuck thread is not waited for) and its process
+  exits with status 58 (:data:`EXIT_RECYCLED`); it is started again at once, without
+  backoff, and not counted as a death towards ``max_crashes`` (each recycle follows a
+  job failed at its time limit, so it cannot loop faster than jobs time out).
 * **A process exiting with status 57** (a breaking migration newer than this library)
   is not restarted: every process is stopped and ``run`` returns ``57``.
 * **SIGTERM or SIGINT** to the supervisor is passed on to every process as a SIGTERM (a
@@ -55,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 from ._supervised import (
     EXIT_BREAKING_MIGRATION,
     EXIT_CRASHED,
+    EXIT_RECYCLED,
     PUBLISH_INTERVAL,
     STOP_SIGNALS,
     Board,
@@ -73,6 +81,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_BREAKING_MIGRATION",
     "EXIT_CRASHED",
+    "EXIT_RECYCLED",
     "Supervisor",
     "WorkerSlot",
     "describe_exit",
@@ -335,7 +344,7 @@ class Supervisor:
         process.close()
         what = f"worker process {slot.index} (pid {pid}, worker {worker_id})"
         if self._stopping:
-            if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            if code in (0, EXIT_RECYCLED, -signal.SIGTERM, -signal.SIGINT):
                 logger.info("%s stopped", what)
             elif code == EXIT_BREAKING_MIGRATION:
                 self.exit_code = EXIT_BREAKING_MIGRATION
@@ -359,6 +368,16 @@ class Supervisor:
             self.exit_code = EXIT_BREAKING_MIGRATION
             self.failure = f"{what} {describe_exit(code)}: a breaking migration"
             self._begin_stop()
+            return
+        if code == EXIT_RECYCLED:
+            # A clean stop on purpose, not a crash: started again at once.
+            slot.deaths = 0
+            slot.restart_at = now
+            logger.warning(
+                "%s recycled (%s: a handler thread stuck past its time limit); restarting it now",
+                what,
+                describe_exit(code),
+            )
             return
         ran = now - slot.started
         self._deaths.append(now)

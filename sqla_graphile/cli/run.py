@@ -146,6 +146,14 @@ class _RedactingFormatter(logging.Formatter):
     help="Time limit of each job whose task sets no timeout; past it the job fails (none).",
 )
 @click.option(
+    "--overtime-limit",
+    envvar="GRAPHILE_WORKER_OVERTIME_LIMIT",
+    show_envvar=True,
+    type=POSITIVE_DURATION,
+    help="How long a def handler may run on past its job's time limit before it counts as "
+    "stuck; with --processes its process is then recycled (30s).",
+)
+@click.option(
     "--progress-interval",
     envvar="GRAPHILE_WORKER_PROGRESS_INTERVAL",
     show_envvar=True,
@@ -194,6 +202,7 @@ def run(
     recovery: bool | None,
     statement_timeout: timedelta | None,
     job_timeout: timedelta | None,
+    overtime_limit: timedelta | None,
     progress_interval: timedelta,
     processes: int,
     health_port: int | None,
@@ -244,6 +253,8 @@ def run(
         options["shutdown_grace_period"] = shutdown_grace_period.total_seconds()
     if job_timeout is not None:
         options["job_timeout"] = job_timeout.total_seconds()
+    if overtime_limit is not None:
+        options["overtime_limit"] = overtime_limit.total_seconds()
     options.update(
         schema=state.schema,
         concurrency=concurrency,

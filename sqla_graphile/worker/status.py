@@ -41,11 +41,15 @@ class WorkerStatus:
     """Its last database statement succeeded (none has failed since)."""
     heartbeat_age: float | None = None
     heartbeat_interval: float | None = None
+    stuck_jobs: tuple[int, ...] = ()
+    """Jobs whose ``def`` handler still runs ``overtime_limit`` seconds past their time
+    limit (they were failed then): each holds a slot and a thread that only a restart of
+    the process gets back."""
 
     @property
     def live(self) -> bool:
-        """Whether the worker should be left running: it is not fenced."""
-        return not self.fenced
+        """Whether the worker should be left running: not fenced, no handler stuck."""
+        return not self.fenced and not self.stuck_jobs
 
     @property
     def heartbeat_fresh(self) -> bool:
@@ -65,6 +69,9 @@ class WorkerStatus:
             found.append("not running")
         if self.fenced:
             found.append("fenced: its heartbeats failed for longer than its lease")
+        if self.stuck_jobs:
+            jobs = ", ".join(map(str, self.stuck_jobs))
+            found.append(f"handler thread stuck past its time limit (job {jobs})")
         if self.running and not self.stopping:
             if not self.connected:
                 found.append("its database statements are failing")
@@ -77,7 +84,7 @@ class WorkerStatus:
 
     @property
     def ready(self) -> bool:
-        """Running, connected, listening (if it listens), heartbeating, not fenced or stopping."""
+        """Running, connected, listening (if it does), heartbeating; not fenced, stopping, stuck."""
         return not self.problems()
 
     def as_dict(self) -> dict[str, Any]:
