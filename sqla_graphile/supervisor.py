@@ -58,6 +58,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._backoff import Backoff
+
 # The worker processes' side, in a module of its own; the public names are this one's.
 from ._supervised import (
     EXIT_BREAKING_MIGRATION,
@@ -402,7 +404,8 @@ class Supervisor:
             self._begin_stop()
             return
         slot.deaths = 1 if ran >= self.crash_window else slot.deaths + 1
-        delay = min(self.max_restart_delay, self.restart_delay * 2 ** (slot.deaths - 1))
+        restarts = Backoff(self.restart_delay, 2.0, self.max_restart_delay, jitter=(1.0, 1.0))
+        delay = restarts.delay(slot.deaths)
         slot.restart_at = now + delay
         logger.warning(
             "%s %s after %.1f s; restarting it in %.1f s", what, describe_exit(code), ran, delay
