@@ -46,6 +46,13 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Result
 from sqlalchemy.sql.functions import Function
 
+from .codec import (
+    encode_json_value,
+    encode_json_values,
+    encode_payload,
+    to_json_value,
+    to_json_values,
+)
 from .errors import (
     InvalidArgument,
     InvalidArgumentType,
@@ -67,17 +74,7 @@ from .specs import (
     check_run_at,
     check_text,
 )
-from .tasks import (
-    BatchTaskHandler,
-    FunctionTask,
-    batch_payload,
-    encode_json_value,
-    encode_json_values,
-    encode_payload,
-    identifier_of,
-    to_json_value,
-    to_json_values,
-)
+from .tasks import BatchTaskHandler, FunctionTask, batch_payload, identifier_of
 
 __all__ = [
     "ANALYZE_THRESHOLD",

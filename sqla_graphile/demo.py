@@ -51,6 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from . import _format
 from ._urls import engine_from_url, redact_url
 from .context import WorkerContext
 from .hooks import Hooks, JobCompleteEvent, JobFailEvent
@@ -178,12 +179,6 @@ def _make_tasks(engine: Engine) -> tuple[Any, FunctionTask[Any], FunctionTask[An
         time.sleep(0.02)
 
     return SendOrderEmail, notify_warehouse, sync_inventory
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    from .cli import table
-
-    return table(headers, rows)
 
 
 def run_demo(
@@ -455,7 +450,7 @@ def _steps(engine: Engine, result: DemoResult, out: TextIO, timeout: float) -> D
     ordered = sorted(result.ran, key=lambda r: (r.job_id, r.outcome != "failed, retried"))
     _say(
         out,
-        _table(
+        _format.table(
             ["JOB", "TASK", "ORDER", "ATTEMPT", "OUTCOME", "TOOK"],
             [
                 [r.job_id, r.task, r.order_id, r.attempt, r.outcome, f"{r.took_ms:.0f} ms"]
@@ -476,7 +471,7 @@ def _steps(engine: Engine, result: DemoResult, out: TextIO, timeout: float) -> D
         )
     _say(out, "")
     _say(out, "Orders:")
-    _say(out, _table(["ORDER", "CUSTOMER", "ITEM", "STATUS"], [list(row) for row in rows]))
+    _say(out, _format.table(["ORDER", "CUSTOMER", "ITEM", "STATUS"], [list(row) for row in rows]))
     _say(out, "")
     result.ok = finished.issuperset(result.job_ids) and result.jobs_left == 0
     if result.ok:

@@ -2,7 +2,7 @@
 
 * :class:`WorkerStatus` is what a running worker says of itself
   (:attr:`Worker.status <sqla_graphile.worker.Worker.status>`): whether it runs, listens,
-  heartbeats, reaches the database, is fenced or shutting down.
+  heartbeats, reaches the database, is fenced, shutting down, or has a handler stuck.
 * :class:`HealthServer` answers ``GET /livez`` and ``GET /readyz`` with ``200`` or
   ``503`` and a small JSON body, from an asyncio loop, with the standard library alone;
   :func:`serve_health` serves a worker's status while it runs (``graphile-worker run
@@ -21,7 +21,7 @@ import logging
 import socket
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,9 @@ from ._urls import engine_from_url
 from .errors import GraphileWorkerError
 from .recovery import WorkerRecoveryConfig
 from .schema import DEFAULT_SCHEMA, quote_schema, validate_schema_name
+
+# Defined with the worker, which builds it; published here, beside the endpoint.
+from .worker.status import HEARTBEAT_FRESHNESS, WorkerStatus
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -55,83 +58,9 @@ logger = logging.getLogger("sqla_graphile.health")
 #: The address the endpoint listens on unless told otherwise: this host only. In a
 #: container, where probes come from outside, listen on ``0.0.0.0``.
 DEFAULT_HEALTH_HOST = "127.0.0.1"
-#: A heartbeat is fresh while its age is at most this many heartbeat intervals: one
-#: missed beat is tolerated, two are not.
-HEARTBEAT_FRESHNESS = 2.0
 #: Seconds a client gets to send its request line and headers.
 _REQUEST_TIMEOUT = 5.0
 _MAX_HEADERS = 100
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """A snapshot of a worker's health; cheap to read, from any thread.
-
-    ``heartbeat_age`` counts from the moment the last successful heartbeat was sent
-    (by this process's monotonic clock); ``None`` without recovery or before the first.
-    """
-
-    worker_id: str
-    running: bool
-    """Started (past its checks and registration) and not yet stopped."""
-    stopping: bool
-    """A shutdown was requested (a signal, ``request_shutdown()``, a breaking migration)."""
-    listen: bool
-    """The worker is meant to hold a ``LISTEN`` connection (its ``listen`` option)."""
-    listening: bool
-    """Its ``LISTEN`` connection is established right now."""
-    fenced: bool
-    """Its heartbeats failed for longer than its lease: it runs nothing until one succeeds."""
-    recovery: bool
-    """Crash recovery is on for this run (registration, heartbeats, sweeps)."""
-    connected: bool
-    """Its last database statement succeeded (none has failed since)."""
-    heartbeat_age: float | None = None
-    heartbeat_interval: float | None = None
-
-    @property
-    def live(self) -> bool:
-        """Whether the worker should be left running: it is not fenced."""
-        return not self.fenced
-
-    @property
-    def heartbeat_fresh(self) -> bool:
-        """With recovery: the last heartbeat is at most two intervals old."""
-        if not self.recovery:
-            return True
-        if self.heartbeat_age is None or self.heartbeat_interval is None:
-            return False
-        return self.heartbeat_age <= HEARTBEAT_FRESHNESS * self.heartbeat_interval
-
-    def problems(self) -> list[str]:
-        """Why the worker is not ready, one phrase each; empty when it is."""
-        found: list[str] = []
-        if self.stopping:
-            found.append("shutting down")
-        elif not self.running:
-            found.append("not running")
-        if self.fenced:
-            found.append("fenced: its heartbeats failed for longer than its lease")
-        if self.running and not self.stopping:
-            if not self.connected:
-                found.append("its database statements are failing")
-            if self.listen and not self.listening:
-                found.append("not listening for notifications")
-            if not self.heartbeat_fresh:
-                age = "none yet" if self.heartbeat_age is None else f"{self.heartbeat_age:.1f} s"
-                found.append(f"heartbeat not fresh (last: {age})")
-        return found
-
-    @property
-    def ready(self) -> bool:
-        """Running, connected, listening (if it listens), heartbeating, not fenced or stopping."""
-        return not self.problems()
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields, ``live``, ``ready`` and ``problems``, as JSON-ready values."""
-        data = asdict(self)
-        data.update(live=self.live, ready=self.ready, problems=self.problems())
-        return data
 
 
 # -- the HTTP endpoint ---------------------------------------------------------------------
@@ -240,7 +169,7 @@ class HealthServer:
 
 
 def worker_probe(worker: Worker) -> Probe:
-    """The probe of one worker: live unless fenced, ready per :attr:`WorkerStatus.ready`."""
+    """The probe of one worker: per :attr:`WorkerStatus.live` and :attr:`WorkerStatus.ready`."""
 
     def probe(kind: str) -> tuple[bool, dict[str, Any]]:
         status = worker.status
@@ -256,7 +185,8 @@ def serve_health(worker: Worker, port: int, host: str = DEFAULT_HEALTH_HOST) -> 
     The socket is bound now (an ``OSError`` if the port is taken); the endpoint answers
     from the worker's own event loop, from its start (the ``worker_start`` hook) until
     every outcome is written at its stop (``worker_stop``), so an answer also proves
-    that loop responsive. ``/livez`` fails when the worker is fenced, ``/readyz`` per
+    that loop responsive. ``/livez`` fails when the worker is fenced or a handler thread
+    is stuck past its time limit (:attr:`WorkerStatus.live`), ``/readyz`` per
     :attr:`WorkerStatus.ready` (and so from the moment a shutdown begins).
     """
     server = HealthServer(worker_probe(worker), bind_health_socket(host, port))

@@ -15,6 +15,13 @@ application uses every core despite the GIL. Then:
   ``sweep_threshold + sweep_interval`` at most after its last heartbeat.
 * **More than ``max_crashes`` deaths within ``crash_window`` seconds** (all slots
   together) stop every process gracefully, and :meth:`Supervisor.run` returns ``1``.
+* **A process with a stuck handler thread is recycled**: a ``def`` handler still running
+  its worker's ``overtime_limit`` (30 s by default) after its job's time limit cannot be
+  stopped, and holds a slot and a thread. Its worker then stops gracefully (the other
+  jobs get the usual grace period; the stuck thread is not waited for) and its process
+  exits with status 58 (:data:`EXIT_RECYCLED`); it is started again at once, without
+  backoff, and not counted as a death towards ``max_crashes`` (each recycle follows a
+  job failed at its time limit, so it cannot loop faster than jobs time out).
 * **A process exiting with status 57** (a breaking migration newer than this library)
   is not restarted: every process is stopped and ``run`` returns ``57``.
 * **SIGTERM or SIGINT** to the supervisor is passed on to every process as a SIGTERM (a
@@ -39,13 +46,11 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -53,13 +58,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import DatabaseNewerThanLibrary
-from .health import (
-    DEFAULT_HEALTH_HOST,
-    HealthServer,
-    WorkerStatus,
-    bind_health_socket,
+from ._backoff import Backoff
+
+# The worker processes' side, in a module of its own; the public names are this one's.
+from ._supervised import (
+    EXIT_BREAKING_MIGRATION,
+    EXIT_CRASHED,
+    EXIT_RECYCLED,
+    PUBLISH_INTERVAL,
+    STOP_SIGNALS,
+    Board,
+    WorkerSlot,
+    child,
+    status_of,
 )
+from .health import DEFAULT_HEALTH_HOST, HealthServer, bind_health_socket
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -70,6 +83,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_BREAKING_MIGRATION",
     "EXIT_CRASHED",
+    "EXIT_RECYCLED",
     "Supervisor",
     "WorkerSlot",
     "describe_exit",
@@ -78,74 +92,8 @@ __all__ = [
 
 logger = logging.getLogger("sqla_graphile.supervisor")
 
-#: A worker process's status, and the supervisor's, when the worker schema holds a
-#: breaking migration newer than this library (Node's): restarting cannot help.
-EXIT_BREAKING_MIGRATION = 57
-#: The supervisor's status when its processes kept dying (or one failed to stop cleanly).
-EXIT_CRASHED = 1
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: How often a process publishes its status (and the supervisor looks at it).
-_PUBLISH_INTERVAL = 0.5
 #: A running process whose status is older than this has a stuck event loop.
 _STALL_LIMIT = 10.0
-#: Room for a worker id on the board (longer ones are cut, for the log lines only).
-_WORKER_ID_SIZE = 120
-
-
-@dataclass(frozen=True)
-class WorkerSlot:
-    """Which of the supervised processes a factory builds its worker for."""
-
-    index: int
-    """The slot, from ``0`` to ``processes - 1``; a restarted process keeps its slot."""
-    processes: int
-    """How many processes the supervisor runs."""
-    cron: bool
-    """Whether this process schedules the crontab (slot 0 only); the supervisor empties
-    the crontab of the others' workers."""
-
-
-class _Board(ctypes.Structure):
-    """One slot's status, in memory shared with its process (which alone writes it)."""
-
-    _fields_ = [
-        ("updated", ctypes.c_double),  # time.monotonic() of the last publication; 0: none
-        ("running", ctypes.c_bool),
-        ("stopping", ctypes.c_bool),
-        ("listen", ctypes.c_bool),
-        ("listening", ctypes.c_bool),
-        ("fenced", ctypes.c_bool),
-        ("recovery", ctypes.c_bool),
-        ("connected", ctypes.c_bool),
-        ("heartbeat_age", ctypes.c_double),  # NaN: none
-        ("heartbeat_interval", ctypes.c_double),  # NaN: none
-        ("completed", ctypes.c_longlong),
-        ("failed", ctypes.c_longlong),
-        ("permanently_failed", ctypes.c_longlong),
-        ("worker_id", ctypes.c_char * _WORKER_ID_SIZE),
-    ]
-
-
-def _optional(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
-def _status_of(board: _Board, now: float) -> WorkerStatus:
-    age = _optional(board.heartbeat_age)
-    return WorkerStatus(
-        board.worker_id.decode("utf-8", "replace"),
-        running=board.running,
-        stopping=board.stopping,
-        listen=board.listen,
-        listening=board.listening,
-        fenced=board.fenced,
-        recovery=board.recovery,
-        connected=board.connected,
-        # As of now, not of the publication.
-        heartbeat_age=None if age is None else age + max(0.0, now - board.updated),
-        heartbeat_interval=_optional(board.heartbeat_interval),
-    )
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -159,117 +107,6 @@ def describe_exit(exitcode: int | None) -> str:
             name = "an unknown signal"
         return f"killed by signal {name} ({-exitcode})"
     return f"exited with status {exitcode}"
-
-
-# -- the worker process ---------------------------------------------------------------------
-
-
-class _Publisher:
-    """Keeps a slot's board up to date from its worker: status and outcome counts."""
-
-    def __init__(self, worker: Worker, board: _Board) -> None:
-        self.worker = worker
-        self.board = board
-        self._lock = threading.Lock()
-        self._task: asyncio.Task[None] | None = None
-        board.worker_id = worker.worker_id.encode()[: _WORKER_ID_SIZE - 1]
-        hooks = worker.hooks
-        hooks.on("job_complete")(lambda _e: self._count("completed"))
-        hooks.on("job_fail")(lambda _e: self._count("failed"))
-        hooks.on("job_permanently_fail")(self._on_permanent)
-        hooks.on("worker_start")(self._on_start)
-        hooks.on("worker_stop")(self._on_stop)
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            setattr(self.board, name, getattr(self.board, name) + 1)
-
-    def _on_permanent(self, _event: Any) -> None:
-        with self._lock:
-            self.board.failed += 1
-            self.board.permanently_failed += 1
-
-    def publish(self) -> None:
-        status = self.worker.status
-        board = self.board
-        board.running = status.running
-        board.stopping = status.stopping
-        board.listen = status.listen
-        board.listening = status.listening
-        board.fenced = status.fenced
-        board.recovery = status.recovery
-        board.connected = status.connected
-        nan = float("nan")
-        board.heartbeat_age = nan if status.heartbeat_age is None else status.heartbeat_age
-        board.heartbeat_interval = (
-            nan if status.heartbeat_interval is None else status.heartbeat_interval
-        )
-        board.updated = time.monotonic()  # last: the rest is in place when it moves
-
-    async def _loop(self) -> None:
-        # On the worker's loop: a board that stops moving shows that loop stuck.
-        while True:
-            self.publish()
-            await asyncio.sleep(_PUBLISH_INTERVAL)
-
-    def _on_start(self, _event: Any) -> None:
-        self._task = asyncio.ensure_future(self._loop())
-
-    async def _on_stop(self, _event: Any) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self.publish()
-
-
-def _watch_parent(worker: Worker) -> None:
-    """Stop the worker gracefully if the supervisor dies (its sentinel closes)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        logger.warning("the supervisor is gone: stopping worker %s", worker.worker_id)
-        worker.request_shutdown(reason="supervisor gone")
-
-    threading.Thread(target=watch, name="sqla_graphile-parent-watch", daemon=True).start()
-
-
-def _child(factory: Callable[[WorkerSlot], Worker], slot: WorkerSlot, boards: Any) -> None:
-    """A worker process: build the worker, run it, exit 0, 1 or 57."""
-    from .worker import Worker
-
-    # Off the terminal's process group: a Ctrl-C reaches us once, through the supervisor.
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not POSIX
-        os.setsid()
-    if hasattr(signal, "pthread_sigmask"):
-        # The supervisor blocked its stop signals while starting us; the mask is inherited.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    code = EXIT_CRASHED
-    publisher: _Publisher | None = None
-    try:
-        worker = factory(slot)
-        if not isinstance(worker, Worker):
-            raise TypeError(f"the worker factory returned {type(worker).__name__}, not a Worker")
-        if not slot.cron:
-            worker.crontab = []
-        publisher = _Publisher(worker, boards[slot.index])
-        _watch_parent(worker)
-        try:
-            worker.run()
-        finally:
-            worker.close()
-        code = 0
-    except DatabaseNewerThanLibrary as exc:
-        logger.error("%s", " ".join(str(exc).split()))
-        code = EXIT_BREAKING_MIGRATION
-    except BaseException:
-        logger.exception("worker process %d failed", slot.index)
-    finally:
-        if publisher is not None:
-            publisher.publish()
-    sys.exit(code)
 
 
 # -- the supervisor -------------------------------------------------------------------------
@@ -393,7 +230,7 @@ class Supervisor:
         """
         if self._boards is not None:
             raise RuntimeError("this supervisor has already run")
-        self._boards = self._context.RawArray(_Board, self.processes)
+        self._boards = self._context.RawArray(Board, self.processes)
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -452,7 +289,7 @@ class Supervisor:
                 for slot in self._slots
                 if slot.process is None and slot.restart_at is not None and not self._stopping
             ]
-            timeout = max(0.0, min([_PUBLISH_INTERVAL, *waits]))
+            timeout = max(0.0, min([PUBLISH_INTERVAL, *waits]))
             sentinels: list[Any] = [p.sentinel for p in live if p is not None]
             ready = multiprocessing.connection.wait([*sentinels, self._wake_read], timeout)
             if self._wake_read in ready:
@@ -470,7 +307,7 @@ class Supervisor:
             ctypes.memset(ctypes.addressof(board), 0, ctypes.sizeof(board))
         info = WorkerSlot(slot.index, self.processes, cron=slot.index == 0)
         process = self._context.Process(
-            target=_child,
+            target=child,
             args=(self.factory, info, self._boards),
             name=f"sqla_graphile-worker-{slot.index}",
         )
@@ -479,7 +316,7 @@ class Supervisor:
         # meanwhile the supervisor's own stop signals wait, blocked, not lost.
         main = threading.current_thread() is threading.main_thread()
         masks = hasattr(signal, "pthread_sigmask")
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if masks else None
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if masks else None
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             process.start()
@@ -509,7 +346,7 @@ class Supervisor:
         process.close()
         what = f"worker process {slot.index} (pid {pid}, worker {worker_id})"
         if self._stopping:
-            if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            if code in (0, EXIT_RECYCLED, -signal.SIGTERM, -signal.SIGINT):
                 logger.info("%s stopped", what)
             elif code == EXIT_BREAKING_MIGRATION:
                 self.exit_code = EXIT_BREAKING_MIGRATION
@@ -534,6 +371,16 @@ class Supervisor:
             self.failure = f"{what} {describe_exit(code)}: a breaking migration"
             self._begin_stop()
             return
+        if code == EXIT_RECYCLED:
+            # A clean stop on purpose, not a crash: started again at once.
+            slot.deaths = 0
+            slot.restart_at = now
+            logger.warning(
+                "%s recycled (%s: a handler thread stuck past its time limit); restarting it now",
+                what,
+                describe_exit(code),
+            )
+            return
         ran = now - slot.started
         self._deaths.append(now)
         while self._deaths and self._deaths[0] < now - self.crash_window:
@@ -557,7 +404,8 @@ class Supervisor:
             self._begin_stop()
             return
         slot.deaths = 1 if ran >= self.crash_window else slot.deaths + 1
-        delay = min(self.max_restart_delay, self.restart_delay * 2 ** (slot.deaths - 1))
+        restarts = Backoff(self.restart_delay, 2.0, self.max_restart_delay, jitter=(1.0, 1.0))
+        delay = restarts.delay(slot.deaths)
         slot.restart_at = now + delay
         logger.warning(
             "%s %s after %.1f s; restarting it in %.1f s", what, describe_exit(code), ran, delay
@@ -574,7 +422,7 @@ class Supervisor:
             self._signals.append(signum)
             self._wake()
 
-        previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
         def restore() -> None:
             for sig, old in previous.items():
@@ -631,7 +479,7 @@ class Supervisor:
                         entry["state"] = "starting"
                         ready = False
                     else:
-                        status = _status_of(board, now)
+                        status = status_of(board, now)
                         stalled = now - board.updated > _STALL_LIMIT
                         entry.update(status.as_dict())
                         entry["state"] = "stalled" if stalled else "running"
@@ -682,33 +530,6 @@ class _HealthThread:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(5.0)
-
-
-@dataclass(frozen=True)
-class _CliWorkers:
-    """The factory of ``graphile-worker run --processes``: each worker as ``run`` builds it."""
-
-    url: str
-    tasks_spec: str
-    options: dict[str, Any]
-    verbose: bool = False
-
-    def __call__(self, slot: WorkerSlot) -> Worker:
-        from ._urls import url_secrets
-        from .cli import _RedactingFormatter, load_tasks
-        from .worker import Worker
-
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            _RedactingFormatter(
-                f"%(asctime)s %(levelname)-7s %(name)s [process {slot.index}]: %(message)s",
-                url_secrets(self.url),
-            )
-        )
-        logging.basicConfig(
-            level=logging.DEBUG if self.verbose else logging.INFO, handlers=[handler]
-        )
-        return Worker(self.url, load_tasks(self.tasks_spec), **self.options)
 
 
 def run_processes(factory: Callable[[WorkerSlot], Worker], processes: int, **options: Any) -> int:

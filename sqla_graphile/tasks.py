@@ -1,4 +1,4 @@
-"""Typed tasks: ``TaskHandler``, ``BatchTaskHandler``, ``@task``, and the payload codec.
+"""Typed tasks: ``TaskHandler``, ``BatchTaskHandler`` and ``@task``.
 
 A typed task is a class whose instances are its payloads — a dataclass or a pydantic
 model — with an ``IDENTIFIER`` and a ``run`` method::
@@ -18,144 +18,40 @@ A task may carry defaults for its jobs (``QUEUE_NAME``, ``MAX_ATTEMPTS``, ``PRIO
 ``JOB_KEY``, ``JOB_KEY_MODE``; the keyword arguments of :func:`task`), used when the
 :class:`~sqla_graphile.specs.JobSpec` of an add leaves the field unset, and a time limit
 (``TIMEOUT``; ``timeout=``) the worker enforces on each of its jobs.
+
+:func:`encode_payload` and :func:`decode_payload` are the payload codec's
+(:mod:`sqla_graphile.codec`), importable from here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import decimal
-import enum
-import json
 import math
-import re
-import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
-from .errors import (
-    InvalidArgument,
-    InvalidArgumentType,
-    InvalidJobKeyMode,
-    InvalidJobSpec,
-    PayloadNotSerializable,
-)
-from .specs import DEFAULT_SPEC, JobKeyMode, JobSpec, RawJobSpec, unstorable
+# The payload codec's two public functions are also this module's, where they began.
+from .codec import decode_payload, encode_payload, to_json_value
+from .errors import InvalidArgument, InvalidArgumentType, InvalidJobKeyMode, InvalidJobSpec
+from .specs import DEFAULT_SPEC, JobKeyMode, JobSpec, RawJobSpec
 
-if TYPE_CHECKING:
-    from .context import WorkerContext
+# A handler's ``ctx`` is a ``WorkerContext``, but it is typed ``Any`` here: the context
+# refers to the utils, and the utils' typed adds to these classes, so naming it would
+# close an import cycle. ``def run(self, ctx: WorkerContext)`` overrides it as it is.
 
 __all__ = [
     "BatchTaskHandler",
     "FunctionTask",
     "TaskHandler",
     "decode_payload",
-    "encode_json_value",
-    "encode_json_values",
     "encode_payload",
     "task",
-    "to_json_value",
-    "to_json_values",
 ]
 
 _T = TypeVar("_T")
 _B = TypeVar("_B", bound="BatchTaskHandler")
-
-
-_PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
-
-
-def to_json_value(value: Any) -> Any:
-    """Turn a payload object (dataclass, pydantic model, or JSON value) into JSON data."""
-    if type(value) in _PLAIN:  # the common case, without attribute probing
-        return value
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):  # pydantic v2
-        return dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
-def to_json_values(payloads: Iterable[Any]) -> list[Any]:
-    """:func:`to_json_value` of each payload, in one pass."""
-    plain = _PLAIN
-    return [value if type(value) in plain else to_json_value(value) for value in payloads]
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    converted = to_json_value(value)
-    if converted is not value:
-        return converted
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-# Built once: json.dumps with options builds a new encoder on every call.
-_ENCODER = json.JSONEncoder(
-    default=_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-# A NUL character is encoded as \u0000 preceded by an even number of backslashes; with an
-# odd number the backslash is a literal one (the text "\\u0000").
-_REAL_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def encode_payload(value: Any) -> str:
-    """Encode a payload as compact JSON text (as Node's ``JSON.stringify`` does).
-
-    ``None`` becomes ``{}``. Values JSON cannot hold (objects without an encoding, NaN,
-    infinities, NUL characters, which PostgreSQL cannot store) raise
-    :class:`~sqla_graphile.errors.PayloadNotSerializable` before anything is written.
-    """
-    return encode_json_value(to_json_value(value))
-
-
-def encode_json_value(value: Any) -> str:
-    """:func:`encode_payload` for a value :func:`to_json_value` has already converted."""
-    if value is None:
-        return "{}"
-    return _encode(value)
-
-
-def encode_json_values(values: list[Any]) -> str:
-    """The JSON array of many converted payloads, each as :func:`encode_json_value` has it.
-
-    One encoder call for them all; the same values are refused, and an element's text
-    is exactly its own encoding.
-    """
-    return _encode([{} if value is None else value for value in values])
-
-
-def _encode(value: Any) -> str:
-    try:
-        text = _ENCODER.encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise PayloadNotSerializable(f"the payload cannot be encoded as JSON: {exc}") from exc
-    if "\\u0000" in text and _REAL_NUL.search(text):
-        raise PayloadNotSerializable("the payload contains a NUL character (\\u0000)")
-    if not text.isascii() and (problem := unstorable("the payload", text)) is not None:
-        raise PayloadNotSerializable(problem)
-    return text
-
-
-def decode_payload(cls: type[_T], data: Any) -> _T:
-    """Build a payload object of ``cls`` from JSON data (dataclass or pydantic model)."""
-    validate = getattr(cls, "model_validate", None)
-    if callable(validate):
-        return validate(data)  # type: ignore[no-any-return]
-    if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__} payload must be a JSON object, got {type(data).__name__}")
-    return cls(**data)
 
 
 class TaskHandler:
@@ -179,8 +75,11 @@ class TaskHandler:
     """Time limit of each job of this task (seconds or a ``timedelta``); it overrides the
     worker's ``job_timeout``. ``None``: the worker's."""
 
-    def run(self, ctx: WorkerContext) -> Any:
-        """Do the job's work; raising fails the job (it is retried with backoff)."""
+    def run(self, ctx: Any) -> Any:
+        """Do the job's work; raising fails the job (it is retried with backoff).
+
+        ``ctx`` is the job's :class:`~sqla_graphile.context.WorkerContext`.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -212,8 +111,11 @@ class BatchTaskHandler:
     """Time limit of each batch job (seconds or a ``timedelta``); ``None``: the worker's."""
 
     @classmethod
-    def run_batch(cls: type[_B], items: list[_B], ctx: WorkerContext) -> Any:
-        """Process the items; raising fails the whole batch."""
+    def run_batch(cls: type[_B], items: list[_B], ctx: Any) -> Any:
+        """Process the items; raising fails the whole batch.
+
+        ``ctx`` is the job's :class:`~sqla_graphile.context.WorkerContext`.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -222,16 +124,16 @@ class BatchTaskHandler:
         return decode_payload(cls, data)
 
 
-TaskFunction = Callable[[Any, "WorkerContext"], "Awaitable[Any] | Any"]
-
-
 class FunctionTask(Generic[_T]):
-    """A plain function ``fn(payload, ctx)`` registered as a task by :func:`task`."""
+    """A plain function ``fn(payload, ctx)`` registered as a task by :func:`task`.
+
+    ``ctx`` is the job's :class:`~sqla_graphile.context.WorkerContext`.
+    """
 
     def __init__(
         self,
         identifier: str,
-        fn: Callable[[_T, WorkerContext], Any],
+        fn: Callable[[_T, Any], Any],
         payload_type: type[_T] | None = None,
         *,
         defaults: JobSpec | None = None,
@@ -259,7 +161,7 @@ class FunctionTask(Generic[_T]):
         """Decode the payload for the function (typed when ``payload_type`` is given)."""
         return decode_payload(self.payload_type, data) if self.payload_type else data
 
-    def __call__(self, payload: _T, ctx: WorkerContext) -> Any:
+    def __call__(self, payload: _T, ctx: Any) -> Any:
         """Call the function (the worker does this with the decoded payload)."""
         return self.fn(payload, ctx)
 
@@ -277,7 +179,7 @@ def task(
     job_key: str | None = None,
     job_key_mode: JobKeyMode | str | None = None,
     timeout: _dt.timedelta | float | None = None,
-) -> Callable[[Callable[[Any, WorkerContext], Any]], FunctionTask[Any]]:
+) -> Callable[[Callable[[Any, Any], Any]], FunctionTask[Any]]:
     """Register a function ``fn(payload, ctx)`` (sync or async) as the task ``identifier``.
 
     ``payload_type`` (a dataclass or pydantic model) makes the worker decode the payload
@@ -304,7 +206,7 @@ def task(
     )
     seconds = timeout_seconds(timeout, f"the timeout of task {identifier!r}")
 
-    def decorate(fn: Callable[[Any, WorkerContext], Any]) -> FunctionTask[Any]:
+    def decorate(fn: Callable[[Any, Any], Any]) -> FunctionTask[Any]:
         return FunctionTask(identifier, fn, payload_type, defaults=checked, timeout=seconds)
 
     return decorate

@@ -25,6 +25,11 @@ from sqla_graphile.schema import quote_schema
 
 NODE_DIR = Path(__file__).parent / "node"
 
+# Fixtures shared across the suite's folders (unit, integration, interop, reliability).
+# The helpers of the utils tests (utils_fixtures) are imported where used instead: they
+# override ``schema`` with one migrated per module.
+pytest_plugins = ["worker_fixtures", "netproxy", "interop_fixtures", "migration_fixtures"]
+
 
 def _server_url() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")

@@ -5,8 +5,9 @@
 It runs :func:`sqla_graphile.supervisor.run_processes` with :class:`App` as the factory
 and exits with its status. Each worker process runs the task ``hold``, which records its
 runs in ``<schema>.sup_runs`` (job, attempt, pid, event) and sleeps ``payload["seconds"]``
-on its first attempt only. Recovery uses short intervals, so that a killed process's jobs
-are recovered within seconds.
+on its first attempt only, and the task ``stuck`` (time limit 0.3 s), which records its
+start and then blocks for good, ignoring ``ctx.cancellation``. Recovery uses short
+intervals, so that a killed process's jobs are recovered within seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +65,7 @@ class App:
     url: str
     schema: str
     crash: bool = False
+    overtime_limit: float | None = 30.0
 
     def __call__(self, slot: WorkerSlot) -> Worker:
         if self.crash:
@@ -91,14 +94,20 @@ class App:
                 time.sleep(payload["seconds"])
             record(ctx, "end")
 
+        @task("stuck", timeout=0.3)
+        def stuck(payload: Any, ctx: WorkerContext) -> None:
+            record(ctx, "start")
+            threading.Event().wait()  # never set, and ctx.cancellation is ignored
+
         return Worker(
             self.url,
-            [hold],
+            [hold, stuck],
             schema=self.schema,
             concurrency=2,
             poll_interval=0.2,
             local_queue_size=0,
             recovery=RECOVERY,
+            overtime_limit=self.overtime_limit,
         )
 
 
@@ -107,5 +116,10 @@ if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
     )
-    app = App(config["url"], config["schema"], crash=config.get("crash", False))
+    app = App(
+        config["url"],
+        config["schema"],
+        crash=config.get("crash", False),
+        overtime_limit=config.get("overtime_limit", 30.0),
+    )
     sys.exit(run_processes(app, config["processes"], **config.get("options", {})))

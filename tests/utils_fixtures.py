@@ -1,4 +1,4 @@
-"""Shared helpers and fixtures of the WorkerUtils tests (``tests/test_utils_*.py``).
+"""Shared helpers and fixtures of the WorkerUtils tests (``tests/integration/test_utils_*.py``).
 
 Everything here talks to the real test database: jobs are put into states by plain SQL
 on ``_private_jobs``, statements are observed with SQLAlchemy's ``before_cursor_execute``

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
 
+from .._backoff import Backoff
 from ..errors import InvalidArgumentType, is_transient, translate_db_error
 from ._aio import bounded
 
@@ -46,6 +46,10 @@ logger = logging.getLogger("sqla_graphile.worker")
 
 # TCP keepalive: probe an idle link after 10 s, every 5 s, give up after 3 unanswered.
 _KEEPALIVE = (10, 5, 3)
+# Retries of a worker statement: transient errors up to 30 s apart; a statement that
+# retries any error (its outcome must be written) every few seconds at most.
+_RETRY_TRANSIENT = Backoff(first=0.05, factor=1.5, cap=30.0)
+_RETRY_ANY = Backoff(first=0.05, factor=1.5, cap=5.0)
 
 
 class StatementTimeout(TimeoutError):
@@ -425,7 +429,7 @@ class Database:
         positional rows. ``on_retry(error)`` is told of each failed attempt retried.
         """
         connection = held if held is not None else self._connection(False)
-        delay = 0.05
+        backoff = _RETRY_ANY if retry_any else _RETRY_TRANSIENT
         attempt = 0
         while True:
             attempt += 1
@@ -437,6 +441,7 @@ class Database:
             except (DBAPIError, PoolTimeoutError, OSError) as exc:
                 if is_transient(exc):  # the link or the server, not the statement
                     self.failing = True
+                delay = backoff.delay(attempt)
                 late = self.deadline is not None and time.monotonic() + delay >= self.deadline
                 if late or attempt >= retries or not (retry_any or is_transient(exc)):
                     if isinstance(exc, DBAPIError):
@@ -453,8 +458,7 @@ class Database:
                     delay,
                     first_line(exc),
                 )
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 1.5, 5.0 if retry_any else 30.0)
+                await asyncio.sleep(delay)
             else:
                 self.failing = False
                 return rows

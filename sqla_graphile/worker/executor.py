@@ -152,6 +152,8 @@ class Executor:
         self.any_sync = not all(entry.is_async for entry in tasks.values())
         self.ended = 0
         """Jobs ended so far (the fetcher measures throughput by it)."""
+        self.on_overtime: Callable[[Running], None] | None = None
+        """Called with a job failed at its time limit whose handler runs on (the watchdog)."""
         self._ended_event = asyncio.Event()
 
     # -- capacity -----------------------------------------------------------------------
@@ -335,6 +337,8 @@ class Executor:
             source = "the worker's job_timeout"
         message = f"Job timed out after {record.timeout:g} s ({source})"
         record.done(record, None, JobTimedOut(message, record.timeout))
+        if record.in_handler and self.on_overtime is not None:
+            self.on_overtime(record)
 
     def _handler_returned(self, record: Running, result: Any, error: BaseException | None) -> None:
         self._end(record, self._outcome(record, record.job.payload, result, error))

@@ -29,11 +29,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ..errors import InvalidArgumentType, SchemaNotMigrated
+from ..errors import InvalidArgumentType, SchemaNotMigrated, is_transient
 from ..hooks import Hooks, JobEvent, JobsFetchedEvent
 from ..job import Job
 from ._aio import Flag, bounded, wait_event
-from .connection import Database, first_line, is_transient
+from .connection import Database, first_line
 from .decode import decode_jobs
 from .executor import Executor
 from .quick import QuickFetch

@@ -12,13 +12,13 @@ import asyncio
 import json
 import logging
 import math
-import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from .._backoff import Backoff
 from ._aio import bounded
 from .connection import sever
 
@@ -32,6 +32,8 @@ CHANNELS = ("jobs:insert", "worker:migrate")
 # With no notification for this long the connection is checked with a round trip, so a
 # silently dead connection (a half-open TCP session) is noticed and replaced.
 _HEALTH_CHECK_INTERVAL = 30.0
+# Node's reconnection backoff: 50 ms × e^attempt, at most 60 s, jitter in [0.5, 1).
+_RECONNECT = Backoff(first=0.05, factor=math.e, cap=60.0)
 # Time limit of connecting and of each statement when none is given.
 _DEFAULT_TIMEOUT = 30.0
 
@@ -41,10 +43,8 @@ def reconnect_delay(attempt: int, jitter: float | None = None) -> float:
 
     ``ceil(jitter × min(60 000, 50 × e^attempt))`` milliseconds, jitter in [0.5, 1).
     """
-    if jitter is None:
-        jitter = 0.5 + random.random() / 2
-    exponent = min(attempt, 10)  # e^10 × 50 ms is already past the 60 s cap
-    return math.ceil(jitter * min(60_000.0, 50.0 * math.exp(exponent))) / 1000.0
+    draw = None if jitter is None else (jitter - 0.5) * 2
+    return math.ceil(_RECONNECT.delay(attempt + 1, draw) * 1000.0) / 1000.0
 
 
 def insert_count(payload: str) -> int:

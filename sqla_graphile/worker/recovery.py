@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -39,6 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .._backoff import Backoff
 from .._drive import drive_async
 from .._ops import Op
 from ..errors import MigrationError, is_transient, sqlstate_of, translate_db_error
@@ -394,8 +394,7 @@ _STOP_RECHECK = 0.5
 
 def _retry_delay(failures: int, interval: float) -> float:
     """Backoff after ``failures`` failed heartbeats: short, never longer than the interval."""
-    delay: float = min(interval, _FIRST_RETRY * 2.0 ** min(failures - 1, 16))
-    return delay * (0.5 + random.random() / 2)
+    return Backoff(first=_FIRST_RETRY, factor=2.0, cap=interval).delay(failures)
 
 
 def _first_line(exc: BaseException) -> str:

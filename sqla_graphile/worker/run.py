@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..codec import encode_payload
 from ..cron import Cron, CronScheduler
 from ..errors import DatabaseNewerThanLibrary, SchemaNotMigrated
 from ..hooks import Hooks, WorkerFenceEvent, WorkerStartEvent, WorkerStopEvent
@@ -44,6 +45,7 @@ from .listener import NotificationListener
 from .recovery import RecoveryAgent
 from .sql import worker_statements
 from .tasks import TaskRegistry
+from .watchdog import HandlerStuck, Watchdog
 from .writer import Failure, OutcomeWriter
 
 __all__ = ["RunSettings", "WorkerRun", "install_signals"]
@@ -82,6 +84,10 @@ class RunSettings:
     reclaim_at_start: bool
     """The worker id was given: it may be a crashed run's, whose locks are given back."""
     utils: WorkerUtils
+    overtime_limit: float | None = None
+    """Seconds a timed-out ``def`` handler may run on before it is stuck (``None``: no limit)."""
+    recycle_when_stuck: bool = False
+    """Stop the run (raising :class:`~.watchdog.HandlerStuck`) when a handler is stuck."""
 
     @property
     def task_identifiers(self) -> frozenset[str]:
@@ -130,6 +136,7 @@ class WorkerRun:
         self.force_event = asyncio.Event()
         self.listener: NotificationListener | None = None
         self.recovery: RecoveryAgent | None = None
+        self.watchdog: Watchdog | None = None
         self.fenced = False
         self._fenced_jobs: list[Job] = []
         self._background: list[asyncio.Task[None]] = []
@@ -228,6 +235,12 @@ class WorkerRun:
         if self.hooks.has("worker_fence"):
             await self.hooks.emit("worker_fence", WorkerFenceEvent(self.worker_id, fenced, job_ids))
 
+    def _recycle(self, stuck: HandlerStuck) -> None:
+        """A handler thread is stuck: stop gracefully, and have the run raise ``stuck``."""
+        if self.error is None:
+            self.error = stuck
+        self.request_stop("recycle", False)
+
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         self._background.append(asyncio.ensure_future(coroutine))
 
@@ -271,7 +284,7 @@ class WorkerRun:
             self.hooks,
             complete_delay=worker.complete_batch_delay,
             fail_delay=worker.fail_batch_delay,
-            encode=_encode,
+            encode=encode_payload,
             on_released=self._on_released,
         )
         self.executor = Executor(
@@ -290,6 +303,11 @@ class WorkerRun:
                 known_identifiers=worker.task_identifiers,
             ),
             on_slot_free=self._on_slot_free,
+        )
+        self.watchdog = Watchdog(
+            self.executor,
+            worker.overtime_limit,
+            on_stuck=self._recycle if worker.recycle_when_stuck else None,
         )
         listen = worker.listen and not self.once
         self.fetcher = Fetcher(
@@ -421,8 +439,11 @@ class WorkerRun:
         await asyncio.gather(*self._background, return_exceptions=True)
         # 2. Jobs fetched but never started go back, attempts restored.
         await fetcher.return_all()
-        # 3. Running jobs get the grace period (none after a forced stop); then they are
-        #    asked to stop, and what still runs is failed.
+        # 3. Handlers stuck past their time limit are not waited for (their jobs were
+        #    failed then). Running jobs get the grace period (none after a forced stop);
+        #    then they are asked to stop, and what still runs is failed.
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if executor.running and not self.forced:
             await executor.wait(self.worker.shutdown_grace_period, self.force_event)
         if executor.running:
@@ -503,9 +524,3 @@ class WorkerRun:
 
 class _ShutdownError(Exception):
     """A job interrupted by the worker's shutdown."""
-
-
-def _encode(value: Any) -> str:
-    from ..tasks import encode_payload
-
-    return encode_payload(value)

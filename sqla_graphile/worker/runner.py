@@ -28,7 +28,6 @@ from ..errors import (
     InvalidArgumentType,
     WorkerAlreadyRunning,
 )
-from ..health import WorkerStatus
 from ..hooks import Hooks
 from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
@@ -37,7 +36,9 @@ from ..utils import WorkerUtils
 from .connection import configure_engine, worker_engine
 from .fetcher import LOCAL_QUEUE_HORIZON, ForbiddenFlags
 from .run import RunSettings, WorkerRun, install_signals
+from .status import WorkerStatus
 from .tasks import TaskRegistry
+from .watchdog import DEFAULT_OVERTIME_LIMIT
 
 __all__ = ["ForbiddenFlags", "Worker"]
 
@@ -106,6 +107,13 @@ class Worker:
         with the usual backoff); an ``async def`` handler is cancelled, a ``def`` handler
         has ``ctx.cancellation`` set. The handler keeps its slot until it returns, and
         what it returns then is not written.
+    ``overtime_limit``
+        Seconds (or a ``timedelta``) a ``def`` handler may run on past its job's time
+        limit before it is taken for stuck (default 30 s; ``None``: never): the worker
+        logs a warning, and :attr:`status <sqla_graphile.worker.Worker.status>` lists
+        the job in ``stuck_jobs`` (so ``/livez`` fails) until the handler returns. Under
+        ``graphile-worker run --processes`` the worker process is recycled instead (see
+        :mod:`sqla_graphile.supervisor`).
     ``listen``
         Whether to LISTEN for ``jobs:insert``/``worker:migrate`` (polling alone otherwise).
     ``crontab``
@@ -143,6 +151,7 @@ class Worker:
         shutdown_grace_period: float = 5.0,
         statement_timeout: float = 30.0,
         job_timeout: float | timedelta | None = None,
+        overtime_limit: float | timedelta | None = DEFAULT_OVERTIME_LIMIT,
         listen: bool = True,
         worker_id: str | None = None,
         crontab: CrontabSource = None,
@@ -181,6 +190,10 @@ class Worker:
         self.statement_timeout = statement_timeout
         self.job_timeout = timeout_seconds(job_timeout, "job_timeout")
         """Each job's time limit in seconds unless its task has one (``None``: none)."""
+        self.overtime_limit = timeout_seconds(overtime_limit, "overtime_limit")
+        """Seconds a ``def`` handler may run on past its time limit (``None``: no limit)."""
+        # Set by the supervisor in its worker processes: a stuck handler stops the run.
+        self._recycle_when_stuck = False
         self.listen = listen
         # Parsed now, so a bad crontab fails at construction with its line and field; so
         # does an item whose payload its typed task could never decode.
@@ -230,7 +243,8 @@ class Worker:
         """A snapshot of the worker's health, for probes and supervisors (any thread).
 
         See :class:`~sqla_graphile.health.WorkerStatus`: whether it runs, is shutting
-        down, listens, reaches the database, heartbeats, or is fenced.
+        down, listens, reaches the database, heartbeats, is fenced, or has a handler
+        thread stuck past its time limit.
         """
         runtime = self._runtime
         if runtime is None:
@@ -259,6 +273,7 @@ class Worker:
             heartbeat_interval=(
                 config.heartbeat_interval.total_seconds() if config is not None else None
             ),
+            stuck_jobs=runtime.watchdog.stuck_jobs if runtime.watchdog is not None else (),
         )
 
     def create_utils(self) -> WorkerUtils:
@@ -376,6 +391,8 @@ class Worker:
             shutdown_grace_period=self.shutdown_grace_period,
             statement_timeout=self.statement_timeout,
             job_timeout=self.job_timeout,
+            overtime_limit=self.overtime_limit,
+            recycle_when_stuck=self._recycle_when_stuck,
             listen=self.listen,
             crontab=self.crontab,
             recovery=self.recovery,
