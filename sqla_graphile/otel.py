@@ -37,15 +37,15 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, TypeAlias
+from typing import Any
 
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics as otel_metrics
     from opentelemetry import trace
-    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+    from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
     from opentelemetry.trace import TracerProvider as TracerProviderType
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -54,11 +54,23 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "sqla_graphile.otel needs the OpenTelemetry API: pip install 'sqla-graphile[otel]'"
     ) from exc
 
-from sqlalchemy import Engine
-from sqlalchemy.engine import URL
 
-from ._queue_metrics import QueueSample, read_queue_samples
-from ._urls import engine_from_url, normalize_url
+from ._otel_metrics import (
+    _A_ATTEMPT,
+    _A_COUNT,
+    _A_JOB_ID,
+    _A_OUTCOME,
+    _A_QUEUE,
+    _A_TASK,
+    DURATION_BUCKETS,
+    SIZE_BUCKETS,
+    _Attributes,
+    _JobMetrics,
+    _Key,
+    _metrics_for,
+)
+from ._otel_queues import MIN_QUEUE_INTERVAL, QueueObserver, observe_queues
+from ._queue_metrics import QueueSample
 from ._version import __version__
 from .errors import InvalidArgument, InvalidArgumentType
 from .hooks import (
@@ -76,7 +88,6 @@ from .hooks import (
     WorkerStopEvent,
 )
 from .job import Job
-from .schema import DEFAULT_SCHEMA, validate_schema_name
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -97,30 +108,6 @@ logger = logging.getLogger("sqla_graphile.otel")
 #: JSON-object payloads carry it; the worker removes it before the handler sees them.
 TRACE_CONTEXT_KEY = "__trace_context"
 
-#: Bucket boundaries (seconds) of ``graphile_worker.job.duration``.
-DURATION_BUCKETS: tuple[float, ...] = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-    900.0,
-    3600.0,
-)
-#: The shortest interval between two queries of :func:`observe_queues` (seconds).
-MIN_QUEUE_INTERVAL = 1.0
-
-#: Bucket boundaries of the fetch and write batch-size histograms.
-SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 _NAME = "sqla_graphile"
 _SYSTEM = "graphile_worker"
@@ -128,106 +115,10 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 # Run spans start traces of their own, whatever happens to be current in the worker.
 _ROOT = otel_context.Context()
 
-_A_JOB_ID = "graphile_worker.job.id"
-_A_TASK = "graphile_worker.job.task_identifier"
-_A_QUEUE = "graphile_worker.job.queue_name"
-_A_ATTEMPT = "graphile_worker.job.attempt"
-_A_OUTCOME = "graphile_worker.job.outcome"
-_A_COUNT = "graphile_worker.job.count"
-
-_COUNTERS = {
-    "added": "Jobs added through instrumented utils",
-    "started": "Job handlers started",
-    "completed": "Jobs completed",
-    "failed": "Failed job attempts (retried and permanently failed)",
-    "retried": "Failed job attempts that will be tried again",
-    "permanently_failed": "Failed job attempts that were the job's last",
-    "lock_lost": "Job outcomes not written because the job's lock was no longer held",
-}
-
-_Key: TypeAlias = tuple[str, "str | None"]
-_Attributes: TypeAlias = dict[str, Any]
 
 _instrumented: weakref.WeakSet[Hooks] = weakref.WeakSet()
 # How long a worker's stop waits for the telemetry of its last jobs.
 _FLUSH_TIMEOUT = 10.0
-
-
-# -- metrics shared by every instrumentation on one meter provider ------------------------
-
-
-class _JobMetrics:
-    """The job instruments of one meter provider.
-
-    Counters are observable: events add to plain totals (cheap enough to count every
-    job of a busy worker) and the totals are reported at each collection.
-    """
-
-    def __init__(self, meter: Meter) -> None:
-        self._lock = threading.Lock()
-        self._totals: dict[str, dict[_Key, int]] = {name: {} for name in _COUNTERS}
-        self._attributes: dict[tuple[str, str | None, str | None], _Attributes] = {}
-        for name, description in _COUNTERS.items():
-            meter.create_observable_counter(
-                f"graphile_worker.jobs.{name}",
-                callbacks=[functools.partial(self._observe, name)],
-                unit="{job}",
-                description=description,
-            )
-        self.duration = meter.create_histogram(
-            "graphile_worker.job.duration",
-            unit="s",
-            description="Seconds each job run took, by outcome",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
-        )
-        self.fetch_size = meter.create_histogram(
-            "graphile_worker.fetch.size",
-            unit="{job}",
-            description="Jobs locked by each fetch statement",
-            explicit_bucket_boundaries_advisory=list(SIZE_BUCKETS),
-        )
-        self.write_size = meter.create_histogram(
-            "graphile_worker.write.size",
-            unit="{job}",
-            description="Job outcomes written by each statement, by outcome",
-            explicit_bucket_boundaries_advisory=list(SIZE_BUCKETS),
-        )
-
-    def attributes(self, key: _Key, outcome: str | None = None) -> _Attributes:
-        """The (cached) attribute dict of a task, queue and optional outcome."""
-        full = (key[0], key[1], outcome)
-        found = self._attributes.get(full)
-        if found is None:
-            found = {"task": key[0]}
-            if key[1] is not None:
-                found["queue"] = key[1]
-            if outcome is not None:
-                found["outcome"] = outcome
-            self._attributes[full] = found
-        return found
-
-    def add(self, name: str, key: _Key, amount: int = 1) -> None:
-        totals = self._totals[name]
-        # Handler threads count starts while the loop counts outcomes.
-        with self._lock:
-            totals[key] = totals.get(key, 0) + amount
-
-    def _observe(self, name: str, _options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            items = list(self._totals[name].items())
-        return [Observation(value, self.attributes(key)) for key, value in items]
-
-
-_job_metrics: weakref.WeakKeyDictionary[Any, _JobMetrics] = weakref.WeakKeyDictionary()
-_job_metrics_lock = threading.Lock()
-
-
-def _metrics_for(provider: MeterProvider) -> _JobMetrics:
-    with _job_metrics_lock:
-        found = _job_metrics.get(provider)
-        if found is None:
-            found = _job_metrics[provider] = _JobMetrics(provider.get_meter(_NAME, __version__))
-        return found
 
 
 # -- instrumentation ---------------------------------------------------------------------
@@ -680,239 +571,3 @@ def instrument(
     instrumentation._attach()
     _instrumented.add(hooks)
     return instrumentation
-
-
-# -- queue gauges -----------------------------------------------------------------------
-
-
-class QueueObserver:
-    """Gauges of the jobs table, from one query per ``interval`` (see :func:`observe_queues`).
-
-    The gauges (attributes ``task`` and ``queue``):
-
-    ``graphile_worker.queue.jobs``
-        jobs by ``state``: ``runnable`` (due now), ``scheduled`` (due later),
-        ``locked`` and ``permanently_failed``;
-    ``graphile_worker.queue.oldest_runnable_age``
-        seconds the oldest runnable job has been due (``0``: none is waiting);
-    ``graphile_worker.queue.oldest_lock_age``
-        seconds the oldest job lock has been held (``0``: no lock).
-
-    A task and queue seen once keeps reporting (zeros once empty) for the observer's
-    life, so alerts on "no runnable jobs" see a zero rather than a missing series.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        schema: str,
-        *,
-        interval: float,
-        timeout: float,
-        by_queue: bool,
-        owns_engine: bool,
-    ) -> None:
-        self.engine = engine
-        self.schema = schema
-        self.interval = interval
-        self.timeout = timeout
-        self.by_queue = by_queue
-        self._owns_engine = owns_engine
-        self._lock = threading.Lock()
-        self._sampled_at: float | None = None
-        self._samples: list[QueueSample] = []
-        self._seen: set[tuple[str, str | None]] = set()
-        self._closed = False
-        self.queries = 0
-        """Queries run so far."""
-
-    def sample(self) -> list[QueueSample]:
-        """Read the jobs table now; the gauges report this sample until it is stale.
-
-        Per task and queue (queues merged per task with ``by_queue=False``), including
-        zeros for groups seen before. Raises what the query raised.
-        """
-        with self._lock:
-            with self.engine.begin() as connection:
-                rows = read_queue_samples(connection, self.schema, self.timeout)
-            self.queries += 1
-            self._sampled_at = time.monotonic()
-            self._samples = self._grouped(rows)
-            return list(self._samples)
-
-    def _grouped(self, rows: list[QueueSample]) -> list[QueueSample]:
-        groups: dict[tuple[str, str | None], list[QueueSample]] = {}
-        for row in rows:
-            key = (row.task_identifier, row.queue_name if self.by_queue else None)
-            groups.setdefault(key, []).append(row)
-        self._seen.update(groups)
-        result = []
-        for key in sorted(self._seen, key=lambda k: (k[0], k[1] or "")):
-            members = groups.get(key, [])
-            result.append(
-                QueueSample(
-                    key[0],
-                    key[1],
-                    sum(m.runnable for m in members),
-                    sum(m.scheduled for m in members),
-                    sum(m.locked for m in members),
-                    sum(m.permanently_failed for m in members),
-                    _oldest(m.oldest_runnable_age for m in members),
-                    _oldest(m.oldest_lock_age for m in members),
-                )
-            )
-        return result
-
-    def _current(self) -> list[QueueSample]:
-        """The sample for a gauge: the last one unless it is older than the interval."""
-        if self._closed:
-            return []
-        sampled_at = self._sampled_at
-        if sampled_at is not None and time.monotonic() - sampled_at < self.interval:
-            return self._samples
-        try:
-            return self.sample()
-        except Exception as exc:
-            logger.warning("reading the queue gauges failed: %s", str(exc).strip().split("\n")[0])
-            # The other gauges of this collection do not try again.
-            self._sampled_at, self._samples = time.monotonic(), []
-            return []
-
-    def _attributes(self, sample: QueueSample) -> _Attributes:
-        attributes: _Attributes = {"task": sample.task_identifier}
-        if self.by_queue:
-            attributes["queue"] = sample.queue_name or ""
-        return attributes
-
-    def _observe_jobs(self, _options: CallbackOptions) -> Iterable[Observation]:
-        observations = []
-        for sample in self._current():
-            attributes = self._attributes(sample)
-            for state, value in (
-                ("runnable", sample.runnable),
-                ("scheduled", sample.scheduled),
-                ("locked", sample.locked),
-                ("permanently_failed", sample.permanently_failed),
-            ):
-                observations.append(Observation(value, {**attributes, "state": state}))
-        return observations
-
-    def _observe_runnable_age(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(sample.oldest_runnable_age or 0.0, self._attributes(sample))
-            for sample in self._current()
-        ]
-
-    def _observe_lock_age(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(sample.oldest_lock_age or 0.0, self._attributes(sample))
-            for sample in self._current()
-        ]
-
-    def close(self) -> None:
-        """Stop querying (the gauges then report nothing); dispose of an engine it made."""
-        self._closed = True
-        if self._owns_engine:
-            self.engine.dispose()
-
-
-class _QueueGauges:
-    """The queue gauges of one meter provider; they report what its observer reads.
-
-    Instruments cannot be removed, so a provider keeps its gauges, and an observer made
-    after an earlier one was closed takes its place behind them.
-    """
-
-    def __init__(self, meter: Meter) -> None:
-        self.observer: QueueObserver | None = None
-        meter.create_observable_gauge(
-            "graphile_worker.queue.jobs",
-            callbacks=[self._jobs],
-            unit="{job}",
-            description="Jobs by state (runnable, scheduled, locked, permanently_failed)",
-        )
-        meter.create_observable_gauge(
-            "graphile_worker.queue.oldest_runnable_age",
-            callbacks=[self._runnable_age],
-            unit="s",
-            description="Seconds the oldest runnable job has been due",
-        )
-        meter.create_observable_gauge(
-            "graphile_worker.queue.oldest_lock_age",
-            callbacks=[self._lock_age],
-            unit="s",
-            description="Seconds the oldest job lock has been held",
-        )
-
-    def _jobs(self, options: CallbackOptions) -> Iterable[Observation]:
-        observer = self.observer
-        return observer._observe_jobs(options) if observer is not None else []
-
-    def _runnable_age(self, options: CallbackOptions) -> Iterable[Observation]:
-        observer = self.observer
-        return observer._observe_runnable_age(options) if observer is not None else []
-
-    def _lock_age(self, options: CallbackOptions) -> Iterable[Observation]:
-        observer = self.observer
-        return observer._observe_lock_age(options) if observer is not None else []
-
-
-_queue_gauges: weakref.WeakKeyDictionary[Any, _QueueGauges] = weakref.WeakKeyDictionary()
-_queue_gauges_lock = threading.Lock()
-
-
-def _oldest(ages: Iterable[float | None]) -> float | None:
-    known = [age for age in ages if age is not None]
-    return max(known) if known else None
-
-
-def observe_queues(
-    bind: Engine | str | URL | Any,
-    *,
-    schema: str | None = None,
-    meter_provider: MeterProvider | None = None,
-    interval: float = 15.0,
-    timeout: float = 5.0,
-    by_queue: bool = True,
-) -> QueueObserver:
-    """Register gauges of runnable, scheduled, locked and failed jobs and their ages.
-
-    ``bind`` is a sync ``Engine``, a database URL, or a ``Worker`` (its engine and
-    schema). The gauges are read at each metrics collection from one aggregate query
-    (a sequential scan of the jobs table), run at most once per ``interval`` seconds
-    whatever the number of readers, and bounded by ``timeout`` seconds; a failed query
-    is logged and the gauges report nothing that time. Observe queues once per
-    database, not in every worker process: every process would report the same numbers.
-    ``by_queue=False`` merges the named queues of each task.
-    """
-    if interval < MIN_QUEUE_INTERVAL:
-        raise InvalidArgument(f"interval must be at least {MIN_QUEUE_INTERVAL:g} s")
-    if timeout <= 0:
-        raise InvalidArgument("timeout must be positive")
-    owns = False
-    if isinstance(bind, Engine):
-        engine = bind
-    elif isinstance(bind, (str, URL)):
-        engine, owns = engine_from_url(normalize_url(bind)), True
-    else:
-        create_utils = getattr(bind, "create_utils", None)
-        if create_utils is None:
-            raise InvalidArgumentType(
-                f"observe_queues takes an Engine, a database URL or a Worker, "
-                f"not {type(bind).__name__}"
-            )
-        engine = create_utils().bind
-        schema = bind.schema if schema is None else schema
-    schema = validate_schema_name(schema if schema is not None else DEFAULT_SCHEMA)
-    provider = meter_provider if meter_provider is not None else otel_metrics.get_meter_provider()
-    with _queue_gauges_lock:
-        gauges = _queue_gauges.get(provider)
-        if gauges is None:
-            gauges = _queue_gauges[provider] = _QueueGauges(provider.get_meter(_NAME, __version__))
-        if gauges.observer is not None and not gauges.observer._closed:
-            raise InvalidArgument("queues are already observed on this meter provider")
-        observer = QueueObserver(
-            engine, schema, interval=interval, timeout=timeout, by_queue=by_queue, owns_engine=owns
-        )
-        gauges.observer = observer
-    return observer
