@@ -16,6 +16,9 @@ __all__ = ["Flag", "bounded", "wait_event"]
 
 _T = TypeVar("_T")
 
+#: Seconds a cancelled step is given to unwind before its caller's cancellation goes on.
+_UNWIND = 1.0
+
 
 class Flag:
     """An :class:`asyncio.Event` for the fetcher, whose timed wait makes no task.
@@ -74,6 +77,10 @@ async def bounded(awaitable: Awaitable[_T], timeout: float) -> _T:
         done, _ = await asyncio.wait((inner,), timeout=timeout)
     except asyncio.CancelledError:
         inner.cancel()
+        # Give it a moment to unwind (a statement cancelled, a connection closed), so
+        # that a loop closing right after is not left to cut it off; not longer, so that
+        # a silent link cannot hold the cancellation up.
+        await asyncio.wait((inner,), timeout=_UNWIND)
         raise
     if not done:
         inner.cancel()
