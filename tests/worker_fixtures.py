@@ -75,20 +75,16 @@ def _task_stacks() -> str:
 
 
 def fetch_session(worker: Worker) -> int | None:
-    """The backend pid of the worker's fetch connection, once it is idle and prepared.
+    """The backend pid of the worker's fetch connection, once the worker is idle.
 
-    Idle also means listening, with no wake-up pending: a LISTEN connection that comes
-    up later wakes the fetch loop (notifications may have been missed), and the job a
-    test adds next would then be fetched by the loop rather than from a notification.
+    Idle also means listening: a LISTEN connection that comes up later wakes the fetch
+    loop (notifications may have been missed), and the job a test adds next would then
+    be fetched by the loop rather than from a notification.
     """
-    runtime = worker._runtime
-    if runtime is None or not runtime.started or not worker.listening:
+    status = worker.status
+    if not (status.running and status.listening and status.idle):
         return None
-    fetcher = runtime.fetcher
-    if not fetcher.fetch_waiting or fetcher.nudge.is_set():
-        return None
-    raw = fetcher.connection.raw
-    return raw.info.backend_pid if raw is not None else None
+    return status.fetch_session
 
 
 def rows(engine: Engine, schema: str, where: str = "true") -> list[Any]:

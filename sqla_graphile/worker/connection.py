@@ -329,6 +329,13 @@ class HeldConnection:
         self._connection, self._raw, self._cursor = connection, raw, raw.cursor()
         return raw
 
+    def backend_pid(self) -> int | None:
+        """The server process id of the held connection, or ``None`` when none is held."""
+        raw = self._raw if self.keep else None
+        if raw is None or raw.closed:
+            return None
+        return raw.info.backend_pid
+
     @property
     def raw(self) -> psycopg.AsyncConnection[Any] | None:
         """The psycopg connection held right now (``None`` between connections)."""

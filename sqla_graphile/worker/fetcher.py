@@ -145,6 +145,16 @@ class Fetcher:
             return
         self.nudge.set()
 
+    def idle(self) -> bool:
+        """Waiting for work: asleep with no wake-up pending, nothing running or queued."""
+        return (
+            self.fetch_waiting
+            and not self.nudge.is_set()
+            and not self.executor.running
+            and not self.local
+            and not self.checking
+        )
+
     def on_slot_free(self) -> None:
         """A job ended: start queued jobs, and fetch if the queue runs low."""
         if self.fetch_when_one_ends:

@@ -274,6 +274,8 @@ class Worker:
                 config.heartbeat_interval.total_seconds() if config is not None else None
             ),
             stuck_jobs=runtime.watchdog.stuck_jobs if runtime.watchdog is not None else (),
+            idle=runtime.started and not runtime.stopping and runtime.fetcher.idle(),
+            fetch_session=runtime.fetcher.connection.backend_pid(),
         )
 
     def create_utils(self) -> WorkerUtils:

@@ -45,6 +45,12 @@ class WorkerStatus:
     """Jobs whose ``def`` handler still runs ``overtime_limit`` seconds past their time
     limit (they were failed then): each holds a slot and a thread that only a restart of
     the process gets back."""
+    idle: bool = False
+    """Waiting for work: no job running or queued locally, no fetch under way or due; a
+    notification (or the poll interval) is what starts the next fetch."""
+    fetch_session: int | None = None
+    """The server process id (``pg_stat_activity.pid``) of the connection the worker holds
+    for fetching; ``None`` when it holds none (a pool too small to spare one)."""
 
     @property
     def live(self) -> bool:

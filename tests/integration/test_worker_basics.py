@@ -346,9 +346,7 @@ async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
     def whole(payload: Any, ctx: WorkerContext) -> None:
         seen_jobs.append(ctx.job)
         read_back.append(ctx.utils.get_job(ctx.job.id))
-        runtime = worker._runtime
-        assert runtime is not None
-        held.append(runtime.fetcher.connection.keep)
+        held.append(worker.status.fetch_session is not None)
 
     spec = JobSpec(queue_name="wq", priority=2, max_attempts=7, flags=["f1", "f2"], job_key="k1")
     async_engine = async_engine_from_url(
@@ -378,3 +376,20 @@ async def test_handler_gets_the_whole_row_and_the_engines_json_deserializer(
     assert seen_job.locked_by == worker.worker_id and seen_job.attempts == 1
     assert seen_job.run_at.tzinfo is not None and seen_job.locked_at is not None
     assert seen_job.created_at == job.created_at and seen_job.revision == job.revision
+
+
+async def test_status_tells_an_idle_worker_and_its_fetch_session(
+    engine: Engine, schema: str
+) -> None:
+    @task("noop")
+    def noop(payload: Any, ctx: WorkerContext) -> None:
+        return None
+
+    worker = Worker(engine, [noop], schema=schema, poll_interval=600)
+    assert not worker.status.idle and worker.status.fetch_session is None
+    async with running(worker):
+        pid = await await_for(lambda: fetch_session(worker), what="an idle worker")
+        (row,) = execute(engine, "select state from pg_stat_activity where pid = :pid", pid=pid)
+        assert row["state"] == "idle"  # the session the worker holds, waiting
+    assert not worker.status.idle and worker.status.fetch_session is None
+    worker.close()
