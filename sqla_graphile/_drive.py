@@ -1,23 +1,38 @@
-"""Drive a generator operation (see :mod:`sqla_graphile._ops`) on one connection.
+"""Operations written once, and the drivers that run them on a connection.
 
-The operation yields ``(statement, parameters)`` and receives each result; these drivers
-execute every request on the connection they are given, inside whatever transaction it
-holds, and return the operation's value.
+An operation (:data:`Op`) is a generator: it yields ``(statement, parameters)`` requests
+(statements from :mod:`sqla_graphile.sql`), receives each statement's
+:class:`~sqlalchemy.engine.Result`, and returns its value. It never executes anything
+itself, so one operation serves every way of executing:
+
+* :func:`drive` on a sync ``Connection`` (``WorkerUtils``);
+* :func:`drive_async` on an ``AsyncConnection`` (``AsyncWorkerUtils``, the worker's
+  recovery agent);
+* the worker's held psycopg connections (``Database.drive`` in
+  :mod:`sqla_graphile.worker.connection`), which run the statements compiled once and
+  hand the rows back through :func:`~sqla_graphile._sqlalchemy.result_of_rows`.
+
+Each driver executes every request on the connection it is given, inside whatever
+transaction it holds, and returns the operation's value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator, Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Executable
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ._ops import Op, Request
-
-__all__ = ["drive", "drive_async", "first_request"]
+__all__ = ["Op", "Request", "drive", "drive_async", "first_request"]
 
 _T = TypeVar("_T")
+
+#: A statement to execute and its parameters.
+Request = tuple[Executable, Mapping[Any, Any]]
+#: An operation: yields requests, receives their results, returns its value.
+Op = Generator[Request, Result[Any], _T]
 
 
 def first_request(op: Op[_T]) -> tuple[Request | None, _T | None]:

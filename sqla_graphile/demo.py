@@ -46,7 +46,6 @@ from sqlalchemy import (
     exists,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -57,8 +56,9 @@ from .context import WorkerContext
 from .hooks import Hooks, JobCompleteEvent, JobFailEvent
 from .migrations import migrate
 from .progress import Progress
-from .schema import DEFAULT_SCHEMA, literal_sql, quote_schema, worker_schema
+from .schema import DEFAULT_SCHEMA, worker_schema
 from .specs import JobSpec, RescheduleJobOptions
+from .sql import statements
 from .tasks import FunctionTask, TaskHandler, task
 from .utils import WorkerUtils
 from .worker import Worker
@@ -219,11 +219,9 @@ class _Leftovers:
     @classmethod
     def survey(cls, engine: Engine, schema: str) -> _Leftovers:
         with engine.connect() as connection:
-            schema_existed = connection.scalar(
-                text("select exists (select 1 from pg_namespace where nspname = :s)"),
-                {"s": schema},
-            )
-            table = connection.scalar(select(func.to_regclass(DemoOrder.__tablename__)))
+            sql = statements(schema).catalog
+            schema_existed = connection.scalar(sql.schema_exists, {"name": schema})
+            table = connection.scalar(sql.relation, {"name": DemoOrder.__tablename__})
         return cls(schema, bool(schema_existed), table is not None)
 
     def remove(self, engine: Engine, result: DemoResult, out: TextIO) -> None:
@@ -258,8 +256,7 @@ class _Leftovers:
         connection.execute(delete(DemoOrder).where(DemoOrder.run_id == result.run_id))
 
     def _drop_schema(self, connection: Connection, result: DemoResult) -> None:
-        drop = f"drop schema if exists {quote_schema(self.schema)} cascade"
-        connection.execute(literal_sql(drop))
+        connection.execute(statements(self.schema).catalog.drop_schema)
 
     def _delete_jobs(self, connection: Connection, result: DemoResult) -> None:
         tables = worker_schema(self.schema)

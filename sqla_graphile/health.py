@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from ._urls import engine_from_url
 from .errors import GraphileWorkerError
 from .recovery import WorkerRecoveryConfig
-from .schema import DEFAULT_SCHEMA, quote_schema, validate_schema_name
+from .schema import DEFAULT_SCHEMA, worker_schema
+from .sql import statements
+from .sql.catalog import qualified_name
 
 # Defined with the worker, which builds it; published here, beside the endpoint.
 from .worker.status import HEARTBEAT_FRESHNESS, WorkerStatus
@@ -264,7 +266,8 @@ def check_health(
     """
     from .migrations import HIGHEST_KNOWN_MIGRATION, check_database
 
-    validate_schema_name(schema)
+    ws = worker_schema(schema)  # validates the name
+    sql = statements(schema).catalog
     if min_workers < 0:
         raise ValueError("min_workers must be 0 or more")
     limit = threshold if threshold is not None else WorkerRecoveryConfig().sweep_threshold
@@ -279,7 +282,7 @@ def check_health(
     try:
         try:
             with engine.connect() as connection:
-                server = connection.scalar(text("show server_version"))
+                server = connection.scalar(sql.server_version)
         except Exception as exc:
             checks.append(HealthCheck("database", False, f"unreachable: {_first_line(exc)}"))
             return HealthReport(checks)
@@ -292,7 +295,7 @@ def check_health(
                 registry = (
                     ledger.schema_exists
                     and connection.scalar(
-                        select(func.to_regclass(f"{quote_schema(schema)}._sqla_graphile_workers"))
+                        sql.relation, {"name": qualified_name(ws, ws.worker_registry.name)}
                     )
                     is not None
                 )

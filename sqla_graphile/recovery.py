@@ -22,38 +22,19 @@ sweep that finds another one running says so (:attr:`SweepResult.already_running
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    ARRAY,
-    Boolean,
-    Column,
-    DateTime,
-    Interval,
-    PrimaryKeyConstraint,
-    Table,
-    Text,
-    bindparam,
-    delete,
-    exists,
-    func,
-    literal,
-    literal_column,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table
 
-from ._ops import Op
+from ._drive import Op
 from .errors import InvalidArgument
 from .schema import worker_schema
+from .sql import statements
+from .sql.common import NODE_LOCK_EXPIRY
+from .sql.recovery import RECOVERED_ERROR
 
 __all__ = [
     "NODE_LOCK_EXPIRY",
@@ -64,13 +45,6 @@ __all__ = [
     "WorkerRecoveryConfig",
     "registry_table",
 ]
-
-#: Node graphile-worker's hard-coded lock expiry, applied to holders without heartbeats.
-NODE_LOCK_EXPIRY = timedelta(hours=4)
-#: ``last_error`` of a job recovered from a dead worker.
-RECOVERED_ERROR = "Job recovered after worker {worker_id} stopped heartbeating"
-
-_TIMESTAMPTZ = DateTime(timezone=True)
 
 
 @dataclass(frozen=True)
@@ -156,144 +130,9 @@ class ActiveWorker:
     heartbeat_age: timedelta
 
 
-@functools.lru_cache(maxsize=64)
 def registry_table(schema: str) -> Table:
-    """The Core table of the worker registry in ``schema``."""
-    metadata = worker_schema(schema).metadata
-    existing = metadata.tables.get(f"{schema}._sqla_graphile_workers")
-    if existing is not None:
-        return existing
-    return Table(
-        "_sqla_graphile_workers",
-        metadata,
-        Column("worker_id", Text, nullable=False),
-        Column("started_at", _TIMESTAMPTZ, nullable=False, server_default=text("now()")),
-        Column("last_heartbeat_at", _TIMESTAMPTZ, nullable=False, server_default=text("now()")),
-        Column("metadata", postgresql.JSONB, nullable=True),
-        PrimaryKeyConstraint("worker_id", name="_sqla_graphile_workers_pkey"),
-    )
-
-
-class RecoveryStatements:
-    """The statements of recovery for one worker schema (built once per schema)."""
-
-    def __init__(self, schema: str) -> None:
-        ws = worker_schema(schema)
-        workers = registry_table(schema)
-        jobs, queues = ws.private_jobs, ws.private_job_queues
-        now = func.now()
-        threshold = bindparam("threshold", type_=Interval)
-        dead_ids = bindparam("dead", type_=ARRAY(Text))
-        node_expiry = literal(NODE_LOCK_EXPIRY, Interval)
-
-        self.sweep_lock = select(
-            func.pg_try_advisory_xact_lock(func.hashtext(f"sqla_graphile.sweep:{schema}"))
-        )
-        self.list_workers = select(
-            workers.c.worker_id,
-            workers.c.started_at,
-            workers.c.last_heartbeat_at,
-            workers.c.metadata,
-            (workers.c.last_heartbeat_at < now - threshold).label("is_stale"),
-            (now - workers.c.last_heartbeat_at).label("heartbeat_age"),
-        ).order_by(workers.c.last_heartbeat_at.desc(), workers.c.worker_id)
-        # FOR UPDATE: a heartbeat in flight makes the sweep wait and re-check the row
-        # (the worker is alive after all), and a heartbeat arriving after the row is
-        # judged waits for the sweep, then finds the row gone and re-registers loudly.
-        self.dead_workers = (
-            select(workers.c.worker_id)
-            .where(
-                workers.c.last_heartbeat_at < now - threshold,
-                workers.c.worker_id.is_distinct_from(bindparam("sweeper", type_=Text)),
-            )
-            .order_by(workers.c.worker_id)
-            .with_for_update(of=workers)
-        )
-
-        registered = exists().where(workers.c.worker_id == jobs.c.locked_by)
-        queue_registered = exists().where(workers.c.worker_id == queues.c.locked_by)
-        # Unregistered holders past Node's expiry; their ids are listed for the report.
-        self.expired_holders = (
-            select(jobs.c.locked_by)
-            .where(jobs.c.locked_at < now - node_expiry, ~registered)
-            .union(
-                select(queues.c.locked_by).where(
-                    queues.c.locked_at < now - node_expiry, ~queue_registered
-                )
-            )
-        )
-        dead_job = jobs.c.locked_by == func.any(dead_ids)
-        expired_job = (jobs.c.locked_at < now - node_expiry) & ~registered
-        self.jobs_to_recover = (
-            select(jobs.c.id).where(or_(dead_job, expired_job)).order_by(jobs.c.id)
-        )
-        dead_queue = queues.c.locked_by == func.any(dead_ids)
-        expired_queue = (queues.c.locked_at < now - node_expiry) & ~queue_registered
-        self.queues_to_recover = (
-            select(queues.c.queue_name)
-            .where(or_(dead_queue, expired_queue))
-            .order_by(queues.c.queue_name)
-        )
-        delay = bindparam("delay", type_=Interval)
-        self.recover_dead_jobs = (
-            update(jobs)
-            .where(dead_job)
-            .values(
-                locked_at=None,
-                locked_by=None,
-                run_at=func.greatest(jobs.c.run_at, now + delay),
-                last_error=func.replace(
-                    literal(RECOVERED_ERROR.replace("{worker_id}", "@W")), "@W", jobs.c.locked_by
-                ),
-            )
-            .returning(jobs.c.id)
-        )
-        # Node's own sweep: unlock, run no earlier than now, the attempt stays used.
-        self.recover_expired_jobs = (
-            update(jobs)
-            .where(expired_job)
-            .values(locked_at=None, locked_by=None, run_at=func.greatest(jobs.c.run_at, now))
-            .returning(jobs.c.id)
-        )
-        self.unlock_queues = (
-            update(queues)
-            .where(or_(dead_queue, expired_queue))
-            .values(locked_at=None, locked_by=None)
-            .returning(queues.c.queue_name)
-        )
-        self.delete_workers = delete(workers).where(workers.c.worker_id == func.any(dead_ids))
-
-        worker_id = bindparam("worker_id", type_=Text)
-        meta = bindparam("metadata", type_=postgresql.JSONB(none_as_null=True))
-        upsert = insert(workers).values(worker_id=worker_id, metadata=meta)
-        self.heartbeat = upsert.on_conflict_do_update(
-            index_elements=[workers.c.worker_id],
-            set_={
-                "last_heartbeat_at": now,
-                "metadata": func.coalesce(upsert.excluded.metadata, workers.c.metadata),
-            },
-        ).returning(
-            # True when the row was inserted: on a heartbeat, a sweep had removed it.
-            literal_column("(xmax = 0)", Boolean).label("inserted")
-        )
-        # A worker leaving with locks still held (outcomes it could not write) keeps its
-        # row: the row goes stale and a sweep recovers those jobs after the threshold,
-        # instead of after Node's 4 hours as for an unregistered holder.
-        self.deregister = (
-            delete(workers)
-            .where(
-                workers.c.worker_id == worker_id,
-                ~exists().where(jobs.c.locked_by == worker_id),
-                ~exists().where(queues.c.locked_by == worker_id),
-            )
-            .returning(workers.c.worker_id)
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def recovery_statements(schema: str) -> RecoveryStatements:
-    """The recovery statements of the worker schema called ``schema``."""
-    return RecoveryStatements(schema)
+    """The Core table of the worker registry in ``schema`` (see :class:`WorkerSchema`)."""
+    return worker_schema(schema).worker_registry
 
 
 def worker_metadata(worker_id: str, tasks: Sequence[str]) -> dict[str, Any]:
@@ -317,7 +156,7 @@ def worker_metadata(worker_id: str, tasks: Sequence[str]) -> dict[str, Any]:
 
 def list_active_workers_op(schema: str, threshold: timedelta) -> Op[list[ActiveWorker]]:
     """All registered workers, most recent heartbeat first, staleness by the DB clock."""
-    result = yield recovery_statements(schema).list_workers, {"threshold": threshold}
+    result = yield statements(schema).recovery.list_workers, {"threshold": threshold}
     return [ActiveWorker(**row) for row in result.mappings()]
 
 
@@ -333,7 +172,7 @@ def sweep_op(
     ``sweeper``: the worker sweeping, never judged dead by its own sweep (it heartbeats
     in the same transaction first; see :func:`heartbeat_then_sweep_op`).
     """
-    sql = recovery_statements(schema)
+    sql = statements(schema).recovery
     threshold = (
         options.sweep_threshold if options.sweep_threshold is not None else config.sweep_threshold
     )
@@ -378,7 +217,7 @@ def heartbeat_then_sweep_op(
 def heartbeat_op(schema: str, worker_id: str, metadata: Mapping[str, Any] | None) -> Op[bool]:
     """Register or heartbeat ``worker_id``; returns True when the row had to be created."""
     result = yield (
-        recovery_statements(schema).heartbeat,
+        statements(schema).recovery.heartbeat,
         {
             "worker_id": worker_id,
             "metadata": dict(metadata) if metadata is not None else None,
@@ -393,5 +232,5 @@ def deregister_op(schema: str, worker_id: str) -> Op[bool]:
     The row stays while ``worker_id`` still holds a job or queue lock, so that a sweep
     recovers those once the row is stale.
     """
-    result = yield recovery_statements(schema).deregister, {"worker_id": worker_id}
+    result = yield statements(schema).recovery.deregister, {"worker_id": worker_id}
     return result.first() is not None

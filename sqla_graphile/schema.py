@@ -57,6 +57,7 @@ __all__ = [
     "private_tasks",
     "quote_schema",
     "validate_schema_name",
+    "worker_registry",
     "worker_schema",
 ]
 
@@ -147,6 +148,9 @@ class WorkerSchema:
     private_tasks: Table
     private_known_crontabs: Table
     migrations: Table
+    worker_registry: Table
+    """sqla-graphile's own heartbeat registry ``_sqla_graphile_workers`` (never in Node's
+    ledger; created by the library's second revision)."""
     jobs: Table
     """The public, stable ``jobs`` view (no payload), mapped as a read-only table."""
     job_spec: JobSpecType
@@ -258,6 +262,18 @@ def worker_schema(name: str = DEFAULT_SCHEMA) -> WorkerSchema:
         PrimaryKeyConstraint("id", name="migrations_pkey"),
     )
 
+    # Ours, not Node's: one row per worker with crash recovery enabled, heartbeated.
+    worker_registry = Table(
+        "_sqla_graphile_workers",
+        metadata,
+        Column("worker_id", Text, nullable=False),
+        Column("started_at", _timestamptz(), nullable=False, server_default=now),
+        Column("last_heartbeat_at", _timestamptz(), nullable=False, server_default=now),
+        Column("metadata", postgresql.JSONB, nullable=True),
+        PrimaryKeyConstraint("worker_id", name="_sqla_graphile_workers_pkey"),
+    )
+    Index("_sqla_graphile_workers_heartbeat_idx", worker_registry.c.last_heartbeat_at)
+
     # The view lives in its own MetaData so that nothing ever tries to CREATE TABLE it.
     view_metadata = MetaData(schema=name)
     jobs_view = Table(
@@ -289,6 +305,7 @@ def worker_schema(name: str = DEFAULT_SCHEMA) -> WorkerSchema:
         private_tasks=private_tasks,
         private_known_crontabs=private_known_crontabs,
         migrations=migrations_table,
+        worker_registry=worker_registry,
         jobs=jobs_view,
         job_spec=JobSpecType(name),
     )
@@ -306,5 +323,7 @@ private_tasks = _default.private_tasks
 private_known_crontabs = _default.private_known_crontabs
 #: ``graphile_worker.migrations`` — Graphile Worker's own migration ledger
 migrations = _default.migrations
+#: ``graphile_worker._sqla_graphile_workers`` — the worker heartbeat registry (ours)
+worker_registry = _default.worker_registry
 #: ``graphile_worker.jobs`` — the public view
 jobs = _default.jobs

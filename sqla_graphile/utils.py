@@ -9,8 +9,9 @@ library never commits, rolls back or closes it::
         WorkerUtils(session).add_job(SendEmail(to="a@example.com"))
     # the order and its job commit (or roll back) together
 
-Both twins drive the same operations (:mod:`sqla_graphile._ops`): one piece of SQL and
-logic per operation, two ways of executing it.
+Both twins drive the same operations (:mod:`sqla_graphile._ops`, run by
+:mod:`sqla_graphile._drive`): one piece of SQL and logic per operation, two ways of
+executing it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from ._admin import get_job_op, list_jobs_op, lock_holders_op, stats_op
-from ._drive import drive, drive_async, first_request
-from ._ops import NameCache, Op, Operations, check_raw_jobs, check_spec, typed_identifier
+from ._checks import check_raw_jobs, check_spec, typed_identifier
+from ._drive import Op, drive, drive_async, first_request
+from ._ops import NameCache, Operations
 from ._urls import async_engine_from_url, engine_from_url
 from .admin import JobState, LockHolder, WorkerStats
 from .errors import InvalidArgumentType, translate_db_error

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from .._urls import engine_from_url
@@ -38,7 +38,9 @@ from ..errors import (
     UsageError,
     sqlstate_of,
 )
-from ..schema import DEFAULT_SCHEMA, quote_schema, validate_schema_name, worker_schema
+from ..schema import DEFAULT_SCHEMA, validate_schema_name, worker_schema
+from ..sql import statements
+from ..sql.catalog import qualified_name
 
 __all__ = [
     "BRANCH_LABEL",
@@ -98,32 +100,25 @@ class Ledger:
 
 def read_ledger(connection: Connection, schema: str) -> Ledger:
     """Read Graphile Worker's migration ledger of ``schema`` (it may not exist)."""
-    schema_exists = bool(
-        connection.scalar(
-            text("select exists (select 1 from pg_namespace where nspname = :s)"),
-            {"s": schema},
-        )
-    )
+    sql = statements(schema).catalog
+    schema_exists = bool(connection.scalar(sql.schema_exists, {"name": schema}))
+    ws = worker_schema(schema)
     table_exists = (
         schema_exists
-        and connection.scalar(select(func.to_regclass(f"{quote_schema(schema)}.migrations")))
+        and connection.scalar(sql.relation, {"name": qualified_name(ws, ws.migrations.name)})
         is not None
     )
     if not table_exists:
         return Ledger(schema_exists, False, None, None)
-    ledger = worker_schema(schema).migrations
-    highest, highest_breaking = connection.execute(
-        select(
-            func.max(ledger.c.id),
-            func.max(ledger.c.id).filter(ledger.c.breaking.is_(True)),
-        )
-    ).one()
+    highest, highest_breaking = connection.execute(sql.ledger_summary).one()
     return Ledger(True, True, highest, highest_breaking)
 
 
 def check_server_version(connection: Connection) -> None:
     """Refuse PostgreSQL older than 12, as Graphile Worker 0.18 does."""
-    version = int(connection.scalar(text("select current_setting('server_version_num')::int")))
+    # Catalog statements that name no schema are alike in every schema's registry.
+    sql = statements(DEFAULT_SCHEMA).catalog
+    version = int(connection.execute(sql.server_version_num).scalar_one())
     if version < _MIN_SERVER_VERSION:
         raise UnsupportedPostgresVersion(
             f"PostgreSQL {version // 10000} is not supported: Graphile Worker needs 12 or newer"
@@ -158,7 +153,7 @@ def notify_migration(connection: Connection, number: int) -> None:
     """Announce a migration on ``worker:migrate`` exactly as Node graphile-worker does."""
     breaking = "true" if number in BREAKING_MIGRATIONS else "false"
     payload = f'{{"migrationNumber":{number},"breaking":{breaking}}}'
-    connection.execute(select(func.pg_notify("worker:migrate", payload)))
+    connection.execute(statements(DEFAULT_SCHEMA).catalog.notify_migration, {"payload": payload})
 
 
 def current_schema() -> str:

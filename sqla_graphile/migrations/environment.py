@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection
 from sqlalchemy.schema import CreateSchema
 
 from .._urls import engine_from_url
 from ..errors import InvalidArgument
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
+from ..sql import statements
 from . import _SCHEMA_OPTION, VERSION_TABLE, check_database, include_name
-
-#: Prefix of the advisory-lock key that serialises concurrent migrators of one schema.
-LOCK_NAMESPACE = "sqla_graphile.migrate:"
 
 
 def _schema_from_context() -> str:
@@ -45,10 +43,9 @@ def lock_and_prepare(connection: Connection, schema: str) -> None:
     and a waiting migrator then finds the work done. The schema is created only when it
     is missing, so a role that may not create schemas can migrate a pre-created one.
     """
-    connection.execute(select(func.pg_advisory_xact_lock(func.hashtext(LOCK_NAMESPACE + schema))))
-    exists = connection.scalar(
-        text("select exists (select 1 from pg_namespace where nspname = :s)"), {"s": schema}
-    )
+    sql = statements(schema).catalog
+    connection.execute(sql.migration_lock)
+    exists = connection.scalar(sql.schema_exists, {"name": schema})
     if not exists:
         connection.execute(CreateSchema(schema, if_not_exists=True))
 

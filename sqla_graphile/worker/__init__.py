@@ -7,7 +7,7 @@
     worker = Worker(engine, [SendEmail, resize_image], concurrency=10)
     worker.run()  # until SIGINT/SIGTERM; run_once() works until nothing is runnable
 
-See :class:`Worker` for the options, :mod:`sqla_graphile.worker.sql` for the protocol's
+See :class:`Worker` for the options, :mod:`sqla_graphile.sql.worker` for the protocol's
 statements and :mod:`sqla_graphile.hooks` for events and interceptors.
 """
 

@@ -18,11 +18,12 @@ import contextlib
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -30,6 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool, QueuePool
 
 from .._backoff import Backoff
+from .._drive import Op
+from .._sqlalchemy import bind_processors, literal_parameters, pool_max_overflow, result_of_rows
 from ..errors import InvalidArgumentType, is_transient, translate_db_error
 from ._aio import bounded
 
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sqla_graphile.worker")
+_T = TypeVar("_T")
 
 # TCP keepalive: probe an idle link after 10 s, every 5 s, give up after 3 unanswered.
 _KEEPALIVE = (10, 5, 3)
@@ -112,7 +116,7 @@ def configure_engine(engine: AsyncEngine, statement_timeout: float) -> None:
     too; the options are harmless to its other uses.
     """
     sync = engine.sync_engine
-    if getattr(sync, "_sqla_graphile_keepalive", None) is not None:
+    if sync in _configured:
         return
 
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -120,7 +124,11 @@ def configure_engine(engine: AsyncEngine, statement_timeout: float) -> None:
             set_keepalive(dbapi_connection.fileno(), statement_timeout)
 
     event.listen(sync, "connect", on_connect)
-    sync._sqla_graphile_keepalive = on_connect  # type: ignore[attr-defined]
+    _configured.add(sync)
+
+
+# The engines configure_engine() has given its listener.
+_configured: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def set_keepalive(fileno: int, statement_timeout: float) -> None:
@@ -167,12 +175,10 @@ class _Compiled:
         self.sql: str = compiled.string
         # Literal values SQLAlchemy turned into parameters of their own.
         self.defaults = {
-            key: value
-            for key, value in compiled.construct_params(_check=False).items()
-            if value is not None
+            key: value for key, value in literal_parameters(compiled).items() if value is not None
         }
-        self.processors = {k: v for k, v in compiled._bind_processors.items() if v is not None}
-        self.names: list[str] | None = None
+        self.processors = bind_processors(compiled)
+        self.names: tuple[str, ...] | None = None
         """The result's column names, read from the first result's description."""
 
     def params(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -223,12 +229,12 @@ class HeldConnection:
         statement: Any,
         params: dict[str, Any],
         *,
-        tuples: bool = False,
+        binary: bool = False,
         timeout: float | None = None,
-    ) -> list[Any]:
-        """The statement's rows, as dicts; with ``tuples``, as tuples in binary format.
+    ) -> tuple[tuple[str, ...], list[Any]]:
+        """The statement's column names and rows (tuples); ``binary``: in binary format.
 
-        With ``tuples``, a row that cannot be loaded comes as an :class:`UndecodableRow`.
+        With ``binary``, a row that cannot be loaded comes as an :class:`UndecodableRow`.
         """
         async with self._lock:
             try:
@@ -240,7 +246,7 @@ class HeldConnection:
                         raw = await bounded(self._connect(), limit)
                     except asyncio.TimeoutError:
                         raise StatementTimeout(f"no connection within {limit:g} s") from None
-                return await self._execute(raw, statement, params, tuples, timeout)
+                return await self._execute(raw, statement, params, binary, timeout)
             finally:
                 if not self.keep:
                     await self.release()
@@ -250,9 +256,9 @@ class HeldConnection:
         raw: psycopg.AsyncConnection[Any],
         statement: Any,
         params: dict[str, Any],
-        tuples: bool,
+        binary: bool,
         timeout: float | None,
-    ) -> list[Any]:
+    ) -> tuple[tuple[str, ...], list[Any]]:
         cursor = self._cursor
         assert cursor is not None
         compiled = self._compiled.get(id(statement))
@@ -273,20 +279,20 @@ class HeldConnection:
             self._timeout if timeout is None else timeout, expire
         )
         try:
-            # Binary results load faster (timestamps above all); every column a
-            # tuple-reading caller takes loads to the same value either way.
-            await cursor.execute(compiled.sql, compiled.params(params), binary=tuples)
-            if tuples:
-                try:
-                    return await cursor.fetchall()
-                except psycopg.DataError:
-                    return await _rows_one_by_one(cursor)
+            # Binary results load faster (timestamps above all); every column a caller
+            # asking for them takes loads to the same value either way.
+            await cursor.execute(compiled.sql, compiled.params(params), binary=binary)
             names = compiled.names
             if names is None:
                 if cursor.description is None:
-                    return []
-                names = compiled.names = [column.name for column in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+                    return (), []
+                names = compiled.names = tuple(column.name for column in cursor.description)
+            if binary:
+                try:
+                    return names, await cursor.fetchall()
+                except psycopg.DataError:
+                    return names, await _rows_one_by_one(cursor)
+            return names, await cursor.fetchall()
         except psycopg.Error as exc:
             broken = (
                 timed_out
@@ -387,7 +393,7 @@ def pool_has_room(engine: AsyncEngine, held: int) -> bool:
     if isinstance(pool, NullPool):
         return True
     if isinstance(pool, QueuePool):
-        max_overflow = getattr(pool, "_max_overflow", 0)  # not exposed publicly
+        max_overflow = pool_max_overflow(pool)
         return max_overflow < 0 or pool.size() + max_overflow >= held + 2
     return False
 
@@ -427,14 +433,58 @@ class Database:
         retries: int = 100,
         retry_any: bool = False,
         held: HeldConnection | None = None,
-        tuples: bool = False,
+        binary: bool = False,
         on_retry: Callable[[BaseException], None] | None = None,
     ) -> list[Any]:
         """Run one autocommit statement and return its rows, retrying transient errors.
 
-        ``held``: run it on that connection. The rows are mappings, or with ``tuples``
-        positional rows. ``on_retry(error)`` is told of each failed attempt retried.
+        ``held``: run it on that connection. The rows are tuples (``binary``: loaded
+        from the binary format). ``on_retry(error)`` is told of each failed attempt
+        retried.
         """
+        _names, rows = await self._run(
+            statement, params, what, retries, retry_any, held, binary, on_retry
+        )
+        return rows
+
+    async def drive(
+        self,
+        op: Op[_T],
+        *,
+        what: str,
+        retries: int = 100,
+        retry_any: bool = False,
+        held: HeldConnection | None = None,
+        binary: bool = False,
+        on_retry: Callable[[BaseException], None] | None = None,
+    ) -> _T:
+        """Run operation ``op`` (see :mod:`sqla_graphile._drive`) to its end; its value.
+
+        Each of its statements runs as :meth:`execute` runs one, with these options;
+        the operation reads the rows as a SQLAlchemy ``Result``.
+        """
+        try:
+            request = next(op)
+            while True:
+                statement, params = request
+                names, rows = await self._run(
+                    statement, dict(params), what, retries, retry_any, held, binary, on_retry
+                )
+                request = op.send(result_of_rows(names, rows))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _run(
+        self,
+        statement: Any,
+        params: dict[str, Any],
+        what: str,
+        retries: int,
+        retry_any: bool,
+        held: HeldConnection | None,
+        binary: bool,
+        on_retry: Callable[[BaseException], None] | None,
+    ) -> tuple[tuple[str, ...], list[Any]]:
         connection = held if held is not None else self._connection(False)
         backoff = _RETRY_ANY if retry_any else _RETRY_TRANSIENT
         attempt = 0
@@ -444,7 +494,7 @@ class Database:
             if self.deadline is not None:
                 timeout = max(0.05, min(timeout, self.deadline - time.monotonic()))
             try:
-                rows = await connection.run(statement, params, tuples=tuples, timeout=timeout)
+                answer = await connection.run(statement, params, binary=binary, timeout=timeout)
             except (DBAPIError, PoolTimeoutError, OSError) as exc:
                 if is_transient(exc):  # the link or the server, not the statement
                     self.failing = True
@@ -468,7 +518,7 @@ class Database:
                 await asyncio.sleep(delay)
             else:
                 self.failing = False
-                return rows
+                return answer
 
 
 def first_line(exc: BaseException) -> str:

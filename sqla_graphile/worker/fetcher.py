@@ -32,12 +32,13 @@ from typing import Any
 from ..errors import InvalidArgumentType, SchemaNotMigrated, is_transient
 from ..hooks import Hooks, JobEvent, JobsFetchedEvent
 from ..job import Job
+from ..sql import WorkerStatements, statements
 from ._aio import Flag, bounded, wait_event
 from .connection import Database, first_line
 from .decode import decode_jobs
 from .executor import Executor
+from .ops import claim_keyed_op, reclaim_op, register_tasks_op, return_jobs_op, task_ids_op
 from .quick import QuickFetch
-from .sql import WorkerStatements
 from .writer import Failure, OutcomeWriter
 
 __all__ = ["LOCAL_QUEUE_HORIZON", "Fetcher"]
@@ -61,7 +62,7 @@ class Fetcher:
         self,
         *,
         db: Database,
-        sql: WorkerStatements,
+        schema: str,
         worker_id: str,
         identifiers: list[str],
         executor: Executor,
@@ -80,7 +81,8 @@ class Fetcher:
         reclaim: bool = False,
     ) -> None:
         self.db = db
-        self.sql = sql
+        self.schema = schema
+        self.sql: WorkerStatements = statements(schema).worker
         self.worker_id = worker_id
         self.identifiers = identifiers
         self.executor = executor
@@ -123,7 +125,9 @@ class Fetcher:
         self._rate_at = time.monotonic()
         self._rate_ended = 0
         self.quick: QuickFetch | None = (
-            QuickFetch(sql.fetch_one, on_rows=self._quick_rows, on_fallback=self._quick_fallback)
+            QuickFetch(
+                self.sql.fetch_one, on_rows=self._quick_rows, on_fallback=self._quick_fallback
+            )
             if quick and forbidden_flags is None
             else None
         )
@@ -265,17 +269,16 @@ class Fetcher:
         try:
             while self.checking:
                 batch = list(self.checking)
+                ids = [job.id for job, _ in batch]
                 try:
-                    rows = await self.db.execute(
-                        self.sql.claim_keyed,
-                        {"worker_id": self.worker_id, "ids": [job.id for job, _ in batch]},
+                    kept = await self.db.drive(
+                        claim_keyed_op(self.schema, self.worker_id, ids),
                         what="checking queued keyed jobs",
                     )
                 except Exception as exc:
                     logger.warning("checking queued keyed jobs failed: %s", first_line(exc))
                     await asyncio.sleep(min(self.poll, 1.0))
                     continue
-                kept = {row["id"] for row in rows}
                 del self.checking[: len(batch)]
                 for job, fetched in batch:
                     if job.id not in kept:
@@ -317,9 +320,8 @@ class Fetcher:
         if not jobs:
             return
         try:
-            rows = await self.db.execute(
-                self.sql.return_jobs,
-                {"worker_id": self.worker_id, "ids": [job.id for job in jobs]},
+            released = await self.db.drive(
+                return_jobs_op(self.schema, self.worker_id, [job.id for job in jobs]),
                 what="returning unstarted jobs",
                 retries=20,
                 retry_any=True,
@@ -330,7 +332,6 @@ class Fetcher:
                 len(jobs),
             )
             return
-        released = {row["id"]: row["deleted"] for row in rows}
         for job in jobs:
             if job.id not in released:
                 await self.writer.lock_lost(job, "return")
@@ -348,9 +349,8 @@ class Fetcher:
     async def reclaim(self, known: set[int]) -> bool:
         """Give back every row locked under our id but not in ``known``; whether it ran."""
         try:
-            rows = await self.db.execute(
-                self.sql.reclaim,
-                {"worker_id": self.worker_id, "known": sorted(known)},
+            given_back = await self.db.drive(
+                reclaim_op(self.schema, self.worker_id, sorted(known)),
                 what="reclaiming jobs locked by a lost fetch",
                 retries=3,
             )
@@ -358,12 +358,12 @@ class Fetcher:
             logger.warning("reclaiming jobs locked by a lost fetch failed: %s", first_line(exc))
             return False
         self.suspect = False
-        if rows:
+        if given_back:
             logger.warning(
                 "gave back %d job(s) locked under this worker's id by a fetch whose answer "
                 "was lost: %s",
-                len(rows),
-                ", ".join(str(row["id"]) for row in rows),
+                len(given_back),
+                ", ".join(map(str, given_back)),
             )
             self.nudge.set()
         return True
@@ -379,21 +379,19 @@ class Fetcher:
 
     async def register_tasks(self) -> None:
         """Make sure our tasks have rows, then read their ids."""
-        await self.db.execute(
-            self.sql.register_tasks, {"identifiers": self.identifiers}, what="registering tasks"
+        await self.db.drive(
+            register_tasks_op(self.schema, self.identifiers), what="registering tasks"
         )
         await self.look_up_tasks()
 
     async def look_up_tasks(self) -> bool:
         """Read our tasks' ids afresh; whether they changed since the last look."""
-        rows = await self.db.execute(
-            self.sql.task_ids,
-            {"identifiers": self.identifiers},
+        names = await self.db.drive(
+            task_ids_op(self.schema, self.identifiers),
             what="looking up task ids",
             held=self.connection,
         )
         self.tasks_checked = time.monotonic()
-        names = {row["id"]: row["identifier"] for row in rows}
         if names == self.task_names:
             return False
         if self.task_names:
@@ -447,7 +445,7 @@ class Fetcher:
                 params,
                 what="fetching jobs",
                 held=self.connection,
-                tuples=True,
+                binary=True,
                 on_retry=self._fetch_failed,
             )
         except BaseException:

@@ -28,6 +28,8 @@ from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 
+from .._sqlalchemy import literal_parameters
+
 __all__ = ["QuickFetch"]
 
 logger = logging.getLogger("sqla_graphile.worker")
@@ -59,7 +61,7 @@ class QuickFetch:
         self._name = f"sqla_graphile_fetch_{digest}"
         self._prepare_sql = f"PREPARE {self._name} AS {sql}".encode()
         self._order: Sequence[str] = compiled.positiontup or ()
-        self._defaults = compiled.construct_params(_check=False)
+        self._defaults = literal_parameters(compiled)
         self._on_rows = on_rows
         self._on_fallback = on_fallback
         self._raw: psycopg.AsyncConnection[Any] | None = None

@@ -39,8 +39,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._backoff import Backoff
-from .._drive import drive_async
-from .._ops import Op
+from .._drive import Op, drive_async
 from ..errors import MigrationError, is_transient, sqlstate_of, translate_db_error
 from ..hooks import Hooks, WorkerRecoveredEvent
 from ..recovery import (

@@ -24,9 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .._sqlalchemy import json_deserializer
 from ..codec import encode_payload
 from ..cron import Cron, CronScheduler
 from ..errors import DatabaseNewerThanLibrary, SchemaNotMigrated
@@ -34,7 +34,9 @@ from ..hooks import Hooks, WorkerFenceEvent, WorkerStartEvent, WorkerStopEvent
 from ..job import Job
 from ..migrations import check_database
 from ..recovery import WorkerRecoveryConfig
-from ..schema import quote_schema
+from ..schema import worker_schema
+from ..sql import statements
+from ..sql.catalog import qualified_name
 from ..utils import AsyncWorkerUtils, WorkerUtils
 from ._aio import bounded
 from .connection import Database, first_line, listen_kwargs
@@ -42,8 +44,8 @@ from .decode import json_loads
 from .executor import Executor
 from .fetcher import Fetcher, ForbiddenFlags
 from .listener import NotificationListener
+from .ops import sweep_locks_op
 from .recovery import RecoveryAgent
-from .sql import worker_statements
 from .tasks import TaskRegistry
 from .watchdog import HandlerStuck, Watchdog
 from .writer import Failure, OutcomeWriter
@@ -124,7 +126,6 @@ class WorkerRun:
         self.worker_id = worker.worker_id
         self.hooks = worker.hooks
         self.db = Database(engine, worker.schema, worker.statement_timeout)
-        self.sql = worker_statements(worker.schema)
         self.started = False
         self.stopping = False
         self.forced = False
@@ -279,7 +280,7 @@ class WorkerRun:
             raise SchemaNotMigrated(worker.schema)
         self.writer = OutcomeWriter(
             self.db,
-            self.sql,
+            worker.schema,
             self.worker_id,
             self.hooks,
             complete_delay=worker.complete_batch_delay,
@@ -312,7 +313,7 @@ class WorkerRun:
         listen = worker.listen and not self.once
         self.fetcher = Fetcher(
             db=self.db,
-            sql=self.sql,
+            schema=worker.schema,
             worker_id=self.worker_id,
             identifiers=sorted(worker.tasks),
             executor=self.executor,
@@ -324,7 +325,7 @@ class WorkerRun:
             local_queue_ttl=worker.local_queue_ttl,
             horizon=worker.local_queue_horizon,
             forbidden_flags=worker.forbidden_flags,
-            loads=getattr(self.base_engine.dialect, "_json_deserializer", None) or json_loads,
+            loads=json_deserializer(self.base_engine.dialect) or json_loads,
             stop=self.stop_event,
             once=self.once,
             quick=listen,
@@ -392,8 +393,11 @@ class WorkerRun:
         if configured is not None:
             return configured if configured.enabled else None
         # The default: on wherever the schema has our worker registry.
-        registry = f"{quote_schema(self.worker.schema)}._sqla_graphile_workers"
-        found = await connection.execute(text("select to_regclass(:name)"), {"name": registry})
+        ws = worker_schema(self.worker.schema)
+        found = await connection.execute(
+            statements(ws.name).catalog.relation,
+            {"name": qualified_name(ws, ws.worker_registry.name)},
+        )
         if found.scalar() is None:
             logger.info(
                 "no worker registry in schema %r: crash recovery is off", self.worker.schema
@@ -502,15 +506,15 @@ class WorkerRun:
     async def sweep(self) -> None:
         """Node's 4-hour rule: unlock jobs and queues locked for longer."""
         try:
-            rows = await self.db.execute(self.sql.sweep, {}, what="unlocking stale locks")
+            jobs, queues = await self.db.drive(
+                sweep_locks_op(self.worker.schema), what="unlocking stale locks"
+            )
         except Exception:
             logger.exception("the stale-lock sweep failed")
             return
-        if rows and (rows[0]["jobs"] or rows[0]["queues"]):
+        if jobs or queues:
             logger.warning(
-                "unlocked %d job(s) and %d queue(s) locked for more than 4 hours",
-                rows[0]["jobs"],
-                rows[0]["queues"],
+                "unlocked %d job(s) and %d queue(s) locked for more than 4 hours", jobs, queues
             )
             self.fetcher.nudge.set()
 

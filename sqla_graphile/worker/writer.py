@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from .._drive import Op
 from ..hooks import (
     UNCHANGED,
     Hooks,
@@ -28,7 +29,7 @@ from ..hooks import (
 )
 from ..job import Job
 from .connection import Database, HeldConnection
-from .sql import WorkerStatements
+from .ops import complete_op, fail_op, written_op
 
 __all__ = ["Completion", "Failure", "OutcomeWriter"]
 
@@ -120,7 +121,7 @@ class OutcomeWriter:
     def __init__(
         self,
         db: Database,
-        sql: WorkerStatements,
+        schema: str,
         worker_id: str,
         hooks: Hooks,
         *,
@@ -130,7 +131,7 @@ class OutcomeWriter:
         on_released: Callable[[], None],
     ) -> None:
         self._db = db
-        self._sql = sql
+        self._schema = schema
         self._worker_id = worker_id
         self._hooks = hooks
         self._encode = encode
@@ -179,14 +180,13 @@ class OutcomeWriter:
 
     async def _write(
         self,
-        statement: Any,
-        params: dict[str, Any],
+        op: Op[dict[int, Any]],
         ids: list[int],
         *,
         outcome: str,
         held: HeldConnection,
     ) -> tuple[dict[int, Any], bool] | None:
-        """Run an outcome statement: the rows written by id, and whether a try was retried.
+        """Run an outcome operation: the rows written by id, and whether a try was retried.
 
         ``None`` when it was given up (logged): those jobs stay locked until recovered.
         """
@@ -197,12 +197,11 @@ class OutcomeWriter:
             retried = True
 
         try:
-            rows = await self._db.execute(
-                statement,
-                params,
+            written = await self._db.drive(
+                op,
                 what=f"{'completing' if outcome == 'completion' else 'failing'} {len(ids)} job(s)",
                 held=held,
-                tuples=True,
+                binary=True,
                 on_retry=on_retry,
             )
         except Exception:
@@ -214,7 +213,7 @@ class OutcomeWriter:
             return None
         finally:
             self.writes_done += 1
-        return {row[0]: row for row in rows}, retried
+        return written, retried
 
     async def _applied_earlier(
         self, missing: list[int], messages: dict[int, str] | None
@@ -225,13 +224,12 @@ class OutcomeWriter:
         locked by us. Anything else is a lock really lost.
         """
         try:
-            rows = await self._db.execute(
-                self._sql.written, {"ids": missing}, what="checking written outcomes", tuples=True
+            found = await self._db.drive(
+                written_op(self._schema, missing), what="checking written outcomes", binary=True
             )
         except Exception:
             logger.warning("could not check the outcomes of job(s) %s", missing, exc_info=True)
             return set()
-        found = {row[0]: row for row in rows}
         if messages is None:
             return {job_id for job_id in missing if job_id not in found}
         return {
@@ -245,8 +243,7 @@ class OutcomeWriter:
     async def _write_completions(self, batch: list[Completion]) -> None:
         ids = [c.job.id for c in batch]
         result = await self._write(
-            self._sql.complete,
-            {"worker_id": self._worker_id, "ids": ids},
+            complete_op(self._schema, self._worker_id, ids),
             ids,
             outcome="completion",
             held=self._complete_connection,
@@ -286,17 +283,14 @@ class OutcomeWriter:
 
     async def _write_failures(self, batch: list[Failure]) -> None:
         ids = [f.job_id for f in batch]
-        params = {
-            "worker_id": self._worker_id,
-            "ids": ids,
-            "messages": [f.message for f in batch],
-            "payloads": [
-                None if f.payload is UNCHANGED else self._encode(f.payload) for f in batch
-            ],
-        }
-        result = await self._write(
-            self._sql.fail, params, ids, outcome="failure", held=self._fail_connection
+        op = fail_op(
+            self._schema,
+            self._worker_id,
+            ids,
+            [f.message for f in batch],
+            [None if f.payload is UNCHANGED else self._encode(f.payload) for f in batch],
         )
+        result = await self._write(op, ids, outcome="failure", held=self._fail_connection)
         if result is None:
             return
         await self._written("fail", len(batch))

@@ -14,7 +14,7 @@ from worker_fixtures import await_for, execute, rows, running
 
 from sqla_graphile import JobSpec, RawJobSpec, Worker, WorkerContext, WorkerUtils, task
 from sqla_graphile.schema import quote_schema
-from sqla_graphile.worker.sql import worker_statements
+from sqla_graphile.sql import statements
 
 
 async def test_named_queue_serialised_across_workers(
@@ -84,9 +84,10 @@ def test_batch_fetch_locks_one_job_per_named_queue(
         + [RawJobSpec("t", {"b": n}, JobSpec(queue_name="B")) for n in range(2)]
         + [RawJobSpec("t", {"free": n}) for n in range(3)]
     )
-    sql = worker_statements(schema)
+    registry = statements(schema)
+    sql = registry.worker
     with engine.begin() as connection:
-        ((task_id, _),) = connection.execute(sql.task_ids, {"identifiers": ["t"]}).all()
+        ((task_id, _),) = connection.execute(registry.adding.task_ids, {"identifiers": ["t"]}).all()
     params = {"worker_id": "graphile_worker_test", "task_ids": [task_id], "limit": 50}
     with engine.begin() as connection:
         fetched = connection.execute(sql.fetch, params).mappings().all()

@@ -1,4 +1,4 @@
-"""Every statement the worker sends, in one place, as SQLAlchemy Core built once per schema.
+"""The worker's protocol: fetching jobs and writing what became of them.
 
 The protocol is Node graphile-worker 0.18's, so Node and Python workers share one queue:
 
@@ -8,10 +8,6 @@ The protocol is Node graphile-worker 0.18's, so Node and Python workers share on
     flags, and either has no queue or belongs to a queue that is unlocked and
     row-lockable right now. At most one job per named queue is taken, so a named queue
     runs one job at a time across every worker.
-``task_ids``
-    Our tasks' current ids. The worker caches them, as Node does, and looks again
-    whenever announced jobs are not found and at least every poll interval: a garbage
-    collection of task rows by any process then hides new jobs from us only briefly.
 ``complete`` / ``fail`` / ``return_jobs``
     Touch only rows whose ``locked_by`` is still ours, and unlock the queues we hold for
     them; they return the ids they really wrote, so a lost lock is noticed. A returned
@@ -23,15 +19,20 @@ The protocol is Node graphile-worker 0.18's, so Node and Python workers share on
     Before a keyed job that waited in the local queue starts: is it still ours and still
     keyed? A replaced or removed one is deleted instead of run, as with Node's defaults.
 ``sweep``
-    Node's 4-hour rule: unlock jobs and queues locked more than 4 hours ago.
+    Node's 4-hour rule: unlock jobs and queues locked more than
+    :data:`~sqla_graphile.sql.common.NODE_LOCK_EXPIRY` ago.
 
-None of these statements touches ``updated_at``, as Node's don't.
+None of these statements touches ``updated_at``, as Node's don't. The task ids a fetch
+takes come from :attr:`AddingStatements.task_ids
+<sqla_graphile.sql.adding.AddingStatements.task_ids>` (registered by its
+``register_tasks``): the worker caches them, as Node does, and looks again whenever
+announced jobs are not found and at least every poll interval, so that a garbage
+collection of task rows by any process hides new jobs from it only briefly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 from sqlalchemy import (
@@ -42,7 +43,6 @@ from sqlalchemy import (
     ColumnElement,
     Delete,
     Integer,
-    Interval,
     Select,
     Table,
     Text,
@@ -63,25 +63,17 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.dml import Update
 
 from ..job import Job
-from ..schema import WorkerSchema, worker_schema
+from ..schema import WorkerSchema
+from .common import lock_expired, seconds
 
-__all__ = ["FETCHED", "LOCK_EXPIRY", "WorkerStatements", "worker_statements"]
-
-#: Node's hard-coded lock expiry: a lock older than this belongs to a dead worker.
-LOCK_EXPIRY = "4 hours"
-
+__all__ = ["FETCHED", "WorkerStatements"]
 
 #: The columns of a fetch's rows, in this order: a job's fields, but its task's identifier
 #: (the worker knows it from the task id).
 FETCHED = tuple(f.name for f in dataclasses.fields(Job) if f.name != "task_identifier")
-
-
-def _interval(text: str) -> ColumnElement[object]:
-    return literal_column(f"interval '{text}'", type_=Interval)
 
 
 class WorkerStatements:
@@ -89,7 +81,7 @@ class WorkerStatements:
 
     Parameters: ``worker_id`` (our lock id) everywhere; ``task_ids`` (int[]), ``limit``
     (batch fetches only) and, for the ``*_with_flags`` fetches, ``forbidden`` (text[]) for
-    fetches; ``identifiers`` (text[]) for registering and looking up tasks; ``ids``
+    fetches; ``ids``
     (bigint[]) for complete and return; ``ids``, ``messages`` and ``payloads`` (text[],
     JSON text or NULL to keep the payload) for fail.
 
@@ -104,7 +96,6 @@ class WorkerStatements:
         self.fetch_with_flags = self._fetch(batch=True, with_flags=True)
         self.fetch_one = self._fetch(batch=False, with_flags=False)
         self.fetch_one_with_flags = self._fetch(batch=False, with_flags=True)
-        self.task_ids = self._task_ids()
         self.complete = self._complete()
         self.fail = self._fail()
         self.return_jobs = self._return_jobs()
@@ -112,7 +103,6 @@ class WorkerStatements:
         self.claim_keyed = self._claim_keyed()
         self.written = self._written()
         self.sweep = self._sweep()
-        self.register_tasks = self._register_tasks()
 
     # -- fetch ----------------------------------------------------------------------
 
@@ -233,9 +223,9 @@ class WorkerStatements:
         )
         # Node's backoff, always by the database's clock: attempts is the value already
         # incremented at fetch, so the first failure waits e seconds.
-        retry_at = func.greatest(func.now(), jobs.c.run_at) + func.exp(
-            func.least(jobs.c.attempts, 10)
-        ) * _interval("1 second")
+        retry_at = func.greatest(func.now(), jobs.c.run_at) + seconds(
+            func.exp(func.least(jobs.c.attempts, 10))
+        )
         failed = (
             update(jobs)
             .where(
@@ -364,10 +354,9 @@ class WorkerStatements:
     def _sweep(self) -> Select[Any]:
         jobs = self.schema.private_jobs
         queues = self.schema.private_job_queues
-        expired = func.now() - _interval(LOCK_EXPIRY)
         swept_jobs = (
             update(jobs)
-            .where(jobs.c.locked_at < expired)
+            .where(lock_expired(jobs.c.locked_at))
             # A crashed attempt still counts: attempts is left alone.
             .values(
                 locked_at=null(),
@@ -379,7 +368,7 @@ class WorkerStatements:
         )
         swept_queues = (
             update(queues)
-            .where(queues.c.locked_at < expired)
+            .where(lock_expired(queues.c.locked_at))
             .values(locked_at=null(), locked_by=null())
             .returning(queues.c.id)
             .cte("swept_queues")
@@ -389,25 +378,6 @@ class WorkerStatements:
             select(func.count()).select_from(swept_queues).scalar_subquery().label("queues"),
         )
 
-    def _task_ids(self) -> Select[Any]:
-        tasks = self.schema.private_tasks
-        return select(tasks.c.id, tasks.c.identifier).where(
-            tasks.c.identifier == any_(bindparam("identifiers", type_=ARRAY(Text)))
-        )
-
-    def _register_tasks(self) -> Insert:
-        tasks = self.schema.private_tasks
-        names = (
-            func.unnest(bindparam("identifiers", type_=ARRAY(Text)))
-            .table_valued(column("identifier", Text))
-            .render_derived(name="wanted")
-        )
-        # Only the missing names are inserted: no identity value is burnt on the others.
-        missing = select(names.c.identifier).where(
-            ~exists().where(tasks.c.identifier == names.c.identifier)
-        )
-        return pg_insert(tasks).from_select(["identifier"], missing).on_conflict_do_nothing()
-
 
 def _delete_ours(jobs: Table) -> Delete:
     return delete(jobs).where(
@@ -416,9 +386,3 @@ def _delete_ours(jobs: Table) -> Delete:
             jobs.c.locked_by == bindparam("worker_id", type_=Text),
         )
     )
-
-
-@functools.lru_cache(maxsize=64)
-def worker_statements(schema: str) -> WorkerStatements:
-    """The worker statements of the worker schema called ``schema`` (cached per name)."""
-    return WorkerStatements(worker_schema(schema))

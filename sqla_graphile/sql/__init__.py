@@ -1,0 +1,101 @@
+"""Every SQL statement of the library, as SQLAlchemy Core, built once per worker schema.
+
+``statements(schema)`` returns the registry of one schema; its statements are grouped by
+concern, each group built on first use:
+
+* :attr:`~Statements.adding` (:mod:`.adding`): adding jobs, registering tasks;
+* :attr:`~Statements.admin` (:mod:`.admin`): managing jobs, cleanups, operators' reads;
+* :attr:`~Statements.recovery` (:mod:`.recovery`): heartbeats and recovery sweeps;
+* :attr:`~Statements.worker` (:mod:`.worker`): the worker's fetches and outcome writes;
+* :attr:`~Statements.catalog` (:mod:`.catalog`): the database's catalog, the ledger.
+
+:func:`all_statements` lists them all by name. Cron's statements live with cron, and the
+revisions under ``migrations/versions`` keep the SQL they ran (frozen history).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import Executable
+
+from ..functions import worker_functions
+from ..schema import WorkerSchema, worker_schema
+from .adding import AddingStatements
+from .admin import AdminStatements
+from .catalog import CatalogStatements
+from .common import NODE_LOCK_EXPIRY
+from .recovery import RecoveryStatements
+from .worker import WorkerStatements
+
+__all__ = [
+    "NODE_LOCK_EXPIRY",
+    "AddingStatements",
+    "AdminStatements",
+    "CatalogStatements",
+    "RecoveryStatements",
+    "Statements",
+    "WorkerStatements",
+    "all_statements",
+    "statements",
+]
+
+_CONCERNS = ("adding", "admin", "recovery", "worker", "catalog")
+
+
+class Statements:
+    """The statements of one worker schema, by concern (each group built once)."""
+
+    def __init__(self, schema: WorkerSchema) -> None:
+        self.schema = schema
+
+    @functools.cached_property
+    def adding(self) -> AddingStatements:
+        """Adding jobs and registering tasks."""
+        return AddingStatements(self.schema, worker_functions(self.schema.name))
+
+    @functools.cached_property
+    def admin(self) -> AdminStatements:
+        """Managing jobs, cleanups and the operators' reads."""
+        return AdminStatements(self.schema, worker_functions(self.schema.name))
+
+    @functools.cached_property
+    def recovery(self) -> RecoveryStatements:
+        """The heartbeat registry and recovery sweeps."""
+        return RecoveryStatements(self.schema)
+
+    @functools.cached_property
+    def worker(self) -> WorkerStatements:
+        """The worker's fetches and outcome writes."""
+        return WorkerStatements(self.schema)
+
+    @functools.cached_property
+    def catalog(self) -> CatalogStatements:
+        """The catalog, the ledger and the migrators' lock."""
+        return CatalogStatements(self.schema)
+
+
+@functools.lru_cache(maxsize=64)
+def statements(schema: str) -> Statements:
+    """The statements of the worker schema called ``schema`` (cached per name)."""
+    return Statements(worker_schema(schema))
+
+
+def all_statements(schema: str) -> dict[str, Executable]:
+    """Every statement of the registry for ``schema``, named ``concern.name``.
+
+    Statements built from parameters (``admin.list_jobs``) are listed in every variant.
+    """
+    registry = statements(schema)
+    found: dict[str, Executable] = {}
+    for concern in _CONCERNS:
+        group: Any = getattr(registry, concern)
+        members = {name: value for name, value in vars(group).items() if not name.startswith("_")}
+        variants = getattr(group, "variants", None)
+        if variants is not None:
+            members.update(variants())
+        for name, value in members.items():
+            if isinstance(value, Executable):
+                found[f"{concern}.{name}"] = value
+    return found
