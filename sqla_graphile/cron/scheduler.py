@@ -24,10 +24,10 @@ from ..codec import encode_json_value
 from ..errors import InvalidArgument, is_transient
 from ..hooks import Hooks
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
+from ..sql.cron import cron_statements
 from .crontab import CrontabSource, load_crontab
 from .fields import ONE_MINUTE, ceil_minute, floor_minute, utc_minute
 from .item import Cron, format_timestamp
-from .sql import cron_statements
 
 # Named after the package: logging is configured for sqla_graphile.cron.
 logger = logging.getLogger("sqla_graphile.cron")

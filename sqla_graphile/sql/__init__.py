@@ -7,10 +7,11 @@ concern, each group built on first use:
 * :attr:`~Statements.admin` (:mod:`.admin`): managing jobs, cleanups, operators' reads;
 * :attr:`~Statements.recovery` (:mod:`.recovery`): heartbeats and recovery sweeps;
 * :attr:`~Statements.worker` (:mod:`.worker`): the worker's fetches and outcome writes;
-* :attr:`~Statements.catalog` (:mod:`.catalog`): the database's catalog, the ledger.
+* :attr:`~Statements.catalog` (:mod:`.catalog`): the database's catalog, the ledger;
+* :attr:`~Statements.cron` (:mod:`.cron`): the cron scheduler's claims and jobs.
 
-:func:`all_statements` lists them all by name. Cron's statements live with cron, and the
-revisions under ``migrations/versions`` keep the SQL they ran (frozen history).
+:func:`all_statements` lists them all by name. The revisions under
+``migrations/versions`` keep the SQL they ran (frozen history).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .adding import AddingStatements
 from .admin import AdminStatements
 from .catalog import CatalogStatements
 from .common import NODE_LOCK_EXPIRY
+from .cron import CronStatements, cron_statements
 from .recovery import RecoveryStatements
 from .worker import WorkerStatements
 
@@ -34,6 +36,7 @@ __all__ = [
     "AddingStatements",
     "AdminStatements",
     "CatalogStatements",
+    "CronStatements",
     "RecoveryStatements",
     "Statements",
     "WorkerStatements",
@@ -41,7 +44,7 @@ __all__ = [
     "statements",
 ]
 
-_CONCERNS = ("adding", "admin", "recovery", "worker", "catalog")
+_CONCERNS = ("adding", "admin", "recovery", "worker", "catalog", "cron")
 
 
 class Statements:
@@ -74,6 +77,11 @@ class Statements:
     def catalog(self) -> CatalogStatements:
         """The catalog, the ledger and the migrators' lock."""
         return CatalogStatements(self.schema)
+
+    @functools.cached_property
+    def cron(self) -> CronStatements:
+        """The cron scheduler's: known crontab items, and a minute's claims and jobs."""
+        return cron_statements(self.schema.name)
 
 
 @functools.lru_cache(maxsize=64)
