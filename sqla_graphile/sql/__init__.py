@@ -17,7 +17,7 @@ concern, each group built on first use:
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Executable
 
@@ -26,13 +26,15 @@ from ..schema import WorkerSchema, worker_schema
 from .adding import AddingStatements
 from .admin import AdminStatements
 from .catalog import CatalogStatements
-from .common import NODE_LOCK_EXPIRY
+from .common import IDEMPOTENT_OPTION, NODE_LOCK_EXPIRY
 from .cron import CronStatements, cron_statements
 from .recovery import RecoveryStatements
 from .worker import WorkerStatements
 
 __all__ = [
+    "IDEMPOTENT_OPTION",
     "NODE_LOCK_EXPIRY",
+    "NOT_IDEMPOTENT",
     "AddingStatements",
     "AdminStatements",
     "CatalogStatements",
@@ -41,10 +43,51 @@ __all__ = [
     "Statements",
     "WorkerStatements",
     "all_statements",
+    "is_idempotent",
     "statements",
 ]
 
+_G = TypeVar("_G")
+
 _CONCERNS = ("adding", "admin", "recovery", "worker", "catalog", "cron")
+
+#: The statements that do more when run a second time after the reply to the first was
+#: lost: they add another job, lock further jobs, or notify again. Every other statement
+#: of the registry is idempotent: a second run changes nothing the first did not. A
+#: statement is retried after a failure only when it is idempotent or its caller has a
+#: guard that finds out what the first try did (the fetch reclaims what it locked).
+NOT_IDEMPOTENT = frozenset(
+    {
+        "adding.add_job",
+        "adding.add_jobs_text",
+        "adding.insert_job",
+        "adding.insert_jobs",
+        "adding.insert_queued_job",
+        "catalog.notify_migration",
+        "worker.fetch",
+        "worker.fetch_one",
+        "worker.fetch_one_with_flags",
+        "worker.fetch_with_flags",
+    }
+)
+
+
+def is_idempotent(statement: Any) -> bool | None:
+    """A registry statement's tag: whether a second run is harmless (``None``: untagged)."""
+    options = getattr(statement, "get_execution_options", None)
+    if options is None:
+        return None
+    tag = options().get(IDEMPOTENT_OPTION)
+    return None if tag is None else bool(tag)
+
+
+def _tagged(concern: str, group: _G) -> _G:
+    """``group`` with each of its statements tagged idempotent or not (see above)."""
+    for name, value in list(vars(group).items()):
+        if isinstance(value, Executable) and not name.startswith("_"):
+            tag = f"{concern}.{name}" not in NOT_IDEMPOTENT
+            object.__setattr__(group, name, value.execution_options(**{IDEMPOTENT_OPTION: tag}))
+    return group
 
 
 class Statements:
@@ -56,32 +99,32 @@ class Statements:
     @functools.cached_property
     def adding(self) -> AddingStatements:
         """Adding jobs and registering tasks."""
-        return AddingStatements(self.schema, worker_functions(self.schema.name))
+        return _tagged("adding", AddingStatements(self.schema, worker_functions(self.schema.name)))
 
     @functools.cached_property
     def admin(self) -> AdminStatements:
         """Managing jobs, cleanups and the operators' reads."""
-        return AdminStatements(self.schema, worker_functions(self.schema.name))
+        return _tagged("admin", AdminStatements(self.schema, worker_functions(self.schema.name)))
 
     @functools.cached_property
     def recovery(self) -> RecoveryStatements:
         """The heartbeat registry and recovery sweeps."""
-        return RecoveryStatements(self.schema)
+        return _tagged("recovery", RecoveryStatements(self.schema))
 
     @functools.cached_property
     def worker(self) -> WorkerStatements:
         """The worker's fetches and outcome writes."""
-        return WorkerStatements(self.schema)
+        return _tagged("worker", WorkerStatements(self.schema))
 
     @functools.cached_property
     def catalog(self) -> CatalogStatements:
         """The catalog, the ledger and the migrators' lock."""
-        return CatalogStatements(self.schema)
+        return _tagged("catalog", CatalogStatements(self.schema))
 
     @functools.cached_property
     def cron(self) -> CronStatements:
         """The cron scheduler's: known crontab items, and a minute's claims and jobs."""
-        return cron_statements(self.schema.name)
+        return _tagged("cron", cron_statements(self.schema.name))
 
 
 @functools.lru_cache(maxsize=64)

@@ -29,7 +29,7 @@ from sqlalchemy.sql.dml import Delete
 from ..admin import JobState
 from ..functions import WorkerFunctions
 from ..schema import WorkerSchema
-from .common import TIMESTAMPTZ, job_rows
+from .common import IDEMPOTENT_OPTION, TIMESTAMPTZ, job_rows
 
 __all__ = ["AdminStatements"]
 
@@ -190,6 +190,7 @@ class AdminStatements:
             query.order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
             .limit(bindparam("limit", type_=Integer))
             .offset(bindparam("offset", type_=Integer))
+            .execution_options(**{IDEMPOTENT_OPTION: True})  # a read
         )
 
     def variants(self) -> dict[str, Any]:

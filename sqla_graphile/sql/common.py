@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.sql.functions import Function
 
 __all__ = [
+    "IDEMPOTENT_OPTION",
     "NODE_LOCK_EXPIRY",
     "TIMESTAMPTZ",
     "job_rows",
@@ -68,3 +69,8 @@ def job_rows(jobs: Table, call: Function[Any]) -> Select[Any]:
     """
     alias = call.table_valued(*(column(c.name, c.type) for c in jobs.columns), name="job")
     return select(*alias.c).select_from(alias)
+
+
+#: The execution option that tags a statement idempotent or not (see ``NOT_IDEMPOTENT``
+#: in :mod:`sqla_graphile.sql`).
+IDEMPOTENT_OPTION = "sqla_graphile_idempotent"

@@ -34,6 +34,7 @@ from .._backoff import Backoff
 from .._drive import Op
 from .._sqlalchemy import bind_processors, literal_parameters, pool_max_overflow, result_of_rows
 from ..errors import InvalidArgumentType, is_transient, translate_db_error
+from ..sql import is_idempotent
 from ._aio import bounded
 
 __all__ = [
@@ -487,6 +488,10 @@ class Database:
     ) -> tuple[tuple[str, ...], list[Any]]:
         connection = held if held is not None else self._connection(False)
         backoff = _RETRY_ANY if retry_any else _RETRY_TRANSIENT
+        if on_retry is None and is_idempotent(statement) is False:
+            # A second run would do more than the first (whose reply may be what was
+            # lost), and no guard would find out what the first did: no retry.
+            retries = 1
         attempt = 0
         while True:
             attempt += 1

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import sqla_graphile
@@ -27,7 +28,14 @@ from sqla_graphile._drive import drive, drive_async
 from sqla_graphile.recovery import NODE_LOCK_EXPIRY as RECOVERY_LOCK_EXPIRY
 from sqla_graphile.recovery import registry_table
 from sqla_graphile.schema import quote_schema, worker_schema
-from sqla_graphile.sql import NODE_LOCK_EXPIRY, all_statements, statements
+from sqla_graphile.sql import (
+    IDEMPOTENT_OPTION,
+    NODE_LOCK_EXPIRY,
+    NOT_IDEMPOTENT,
+    all_statements,
+    is_idempotent,
+    statements,
+)
 from sqla_graphile.worker.connection import Database
 from sqla_graphile.worker.ops import register_tasks_op, sweep_locks_op, task_ids_op
 
@@ -214,3 +222,40 @@ async def test_the_worker_operations_run_on_every_driver(
     assert sorted(by_sync.values()) == names
     assert by_sync == by_async == by_worker
     assert swept_sync == swept_worker == (0, 0)
+
+
+def test_every_statement_is_tagged_idempotent_or_not() -> None:
+    tags = {name: is_idempotent(statement) for name, statement in all_statements("gw_tags").items()}
+    assert None not in tags.values(), [name for name, tag in tags.items() if tag is None]
+    assert {name for name, tag in tags.items() if not tag} == NOT_IDEMPOTENT
+
+
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_the_worker_retries_a_statement_only_when_a_second_run_is_harmless(
+    async_engine: AsyncEngine, schema: str, idempotent: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A statement whose every run ends its own session: a transient failure, each time.
+    dies = text("select pg_terminate_backend(pg_backend_pid())").execution_options(
+        **{IDEMPOTENT_OPTION: idempotent}
+    )
+    db = Database(async_engine, schema, statement_timeout=10.0)
+    with pytest.raises(OperationalError) as raised:
+        await db.drive(_one(dies), what="the dying statement", retries=3)
+    assert "terminat" in str(raised.value).lower()
+    retried = [r for r in caplog.records if "the dying statement failed" in r.getMessage()]
+    # Idempotent: tried 3 times (2 retries logged); not: tried once, never retried.
+    assert len(retried) == (2 if idempotent else 0)
+    # A guard that finds out what the first try did allows the retry again.
+    if not idempotent:
+        guarded: list[BaseException] = []
+        with pytest.raises(OperationalError):
+            await db.drive(
+                _one(dies), what="the guarded statement", retries=2, on_retry=guarded.append
+            )
+        assert len(guarded) == 1
+
+
+def _one(statement: Any) -> Any:
+    """An operation of one statement (see ``sqla_graphile._drive``)."""
+    yield statement, {}
+    return None
