@@ -470,7 +470,8 @@ def test_an_interrupted_command_aborts_with_status_1(cli: Cli, engine: Engine, s
         )
         try:
             deadline = time.monotonic() + 60
-            while not _waiting_on_a_lock(engine):
+            holder = connection.scalar(text("select pg_backend_pid()"))
+            while not _waiting_on_a_lock(engine, holder):
                 assert time.monotonic() < deadline, "the command never reached the lock"
                 time.sleep(0.05)
             process.send_signal(signal.SIGINT)
@@ -486,14 +487,20 @@ def test_an_interrupted_command_aborts_with_status_1(cli: Cli, engine: Engine, s
     assert row is not None and row["attempts"] == 0
 
 
-def _waiting_on_a_lock(engine: Engine) -> bool:
+def _waiting_on_a_lock(engine: Engine, holder: int) -> bool:
+    """Whether a session waits on a lock that the session ``holder`` holds.
+
+    Only the command's session can: any other session of the suite waiting on some lock
+    must not let the test interrupt the command before it reached the row.
+    """
     with engine.connect() as connection:
         return bool(
             connection.scalar(
                 text(
-                    "select count(*) from pg_stat_activity where datname = current_database()"
-                    " and wait_event_type = 'Lock'"
-                )
+                    "select count(*) from pg_stat_activity"
+                    " where cast(:holder as integer) = any(pg_blocking_pids(pid))"
+                ),
+                {"holder": holder},
             )
         )
 
