@@ -467,6 +467,9 @@ def test_an_interrupted_command_aborts_with_status_1(cli: Cli, engine: Engine, s
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # As from a terminal: a suite started in the background (``cmd &``) passes an
+            # ignored SIGINT on, and Python then keeps it ignored.
+            preexec_fn=_default_sigint,
         )
         try:
             deadline = time.monotonic() + 60
@@ -485,6 +488,10 @@ def test_an_interrupted_command_aborts_with_status_1(cli: Cli, engine: Engine, s
     assert stderr.strip().splitlines()[-1] == "Aborted!"
     row = job_row(engine, schema, job_id)
     assert row is not None and row["attempts"] == 0
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _waiting_on_a_lock(engine: Engine, holder: int) -> bool:
