@@ -250,7 +250,8 @@ class OutcomeWriter:
         )
         if result is None:
             return
-        await self._written("complete", len(batch))
+        if self._hooks.has("jobs_written"):  # no coroutine per batch without an observer
+            await self._written("complete", len(batch))
         done, retried = result
         missing = [job_id for job_id in ids if job_id not in done]
         if missing and retried:
@@ -293,7 +294,8 @@ class OutcomeWriter:
         result = await self._write(op, ids, outcome="failure", held=self._fail_connection)
         if result is None:
             return
-        await self._written("fail", len(batch))
+        if self._hooks.has("jobs_written"):
+            await self._written("fail", len(batch))
         written, retried = result
         missing = [job_id for job_id in ids if job_id not in written]
         earlier: set[int] = set()
@@ -319,8 +321,7 @@ class OutcomeWriter:
             self._on_released()
 
     async def _written(self, outcome: str, size: int) -> None:
-        if self._hooks.has("jobs_written"):
-            await self._hooks.emit("jobs_written", JobsWrittenEvent(self._worker_id, outcome, size))
+        await self._hooks.emit("jobs_written", JobsWrittenEvent(self._worker_id, outcome, size))
 
     async def _report_failure(self, failure: Failure, job: Job, row: Any) -> None:
         _, attempts, max_attempts, run_at = row
