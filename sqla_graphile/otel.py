@@ -31,15 +31,12 @@ the database (see there).
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
-import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
 
 try:
     from opentelemetry import context as otel_context
@@ -117,8 +114,16 @@ _ROOT = otel_context.Context()
 
 
 _instrumented: weakref.WeakSet[Hooks] = weakref.WeakSet()
-# How long a worker's stop waits for the telemetry of its last jobs.
-_FLUSH_TIMEOUT = 10.0
+# The run context of a job with no run span (a no-op; it holds no state).
+_UNSCOPED = contextlib.nullcontext()
+# The counters each outcome adds to.
+_COMPLETED = ("completed",)
+_RETRIED = ("failed", "retried")
+_PERMANENTLY_FAILED = ("failed", "permanently_failed")
+_WRITTEN: dict[str, _Attributes] = {
+    "complete": {"outcome": "complete"},
+    "fail": {"outcome": "fail"},
+}
 
 
 # -- instrumentation ---------------------------------------------------------------------
@@ -134,7 +139,7 @@ class _RunSpan:
 
 
 class _RunScope:
-    """The ``job_run_context`` manager: counts the start, makes the run span current."""
+    """The ``job_run_context`` manager of a chosen job: its run span, current."""
 
     __slots__ = ("_instrumentation", "_job", "_token")
 
@@ -144,7 +149,7 @@ class _RunScope:
         self._token: object | None = None
 
     def __enter__(self) -> None:
-        self._token = self._instrumentation._started(self._job)
+        self._token = self._instrumentation._open_span(self._job)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._token is not None:
@@ -211,67 +216,12 @@ def _job_attributes(job: Job) -> _Attributes:
     return attributes
 
 
-class _Recorder:
-    """Records what the worker's event loop reports, in a thread of its own.
-
-    The loop only queues each outcome (a fraction of a microsecond); the SDK calls that
-    end spans and record durations (several microseconds each) run here, largely while
-    the loop waits on the database, instead of between its statements. The thread
-    hands the interpreter lock back every few records so the loop never waits long.
-    """
-
-    _CHUNK = 16
-
-    def __init__(self) -> None:
-        self._items: deque[tuple[Callable[[Any], None], Any]] = deque()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    def put(self, record: Callable[[Any], None], item: Any) -> None:
-        self._items.append((record, item))
-        if not self._wake.is_set():
-            self._wake.set()
-        if self._thread is None:
-            self._start()
-
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._thread is None:
-                thread = threading.Thread(target=self._run, name="sqla_graphile-otel", daemon=True)
-                thread.start()
-                self._thread = thread
-
-    def _run(self) -> None:
-        items = self._items
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            done = 0
-            while items:
-                record, item = items.popleft()
-                try:
-                    record(item)
-                except Exception:
-                    logger.exception("recording telemetry failed")
-                done += 1
-                if done % self._CHUNK == 0:
-                    time.sleep(0)  # hand the interpreter lock to the loop if it waits
-
-    def flush(self, timeout: float | None) -> bool:
-        """Wait until everything queued so far is recorded; whether it was in time."""
-        if self._thread is None:
-            return True
-        recorded = threading.Event()
-        self.put(lambda _item: recorded.set(), None)
-        return recorded.wait(timeout)
-
-
 class Instrumentation:
     """What :func:`instrument` attached to a :class:`~sqla_graphile.hooks.Hooks`.
 
-    The hooks keep it alive. Outcomes are recorded in a thread of its own, off the
-    worker's event loop: :meth:`flush` waits for them (a worker's stop does).
+    The hooks keep it alive. Outcomes are recorded on the worker's event loop as they
+    are written: every one adds to the counters' totals, kept in process; the SDK is
+    called per job only for the jobs ``sample_runs`` chose (a span and a duration).
     """
 
     def __init__(
@@ -282,14 +232,18 @@ class Instrumentation:
         *,
         carry_trace_context: bool,
         by_queue: bool,
+        sample_runs: float,
     ) -> None:
         self.hooks = hooks
         self._tracer = tracer
         self._metrics = job_metrics
         self.carry_trace_context = carry_trace_context
         self.by_queue = by_queue
+        self.sample_runs = sample_runs
+        # Jobs whose id hashes (Knuth's multiplicative hash) below this get run spans.
+        self._chosen_below = int(sample_runs * 2**32)
+        self._every = sample_runs >= 1.0
         self._spans: dict[int, _RunSpan] = {}
-        self._recorder = _Recorder()
 
     @property
     def tracing(self) -> bool:
@@ -306,15 +260,6 @@ class Instrumentation:
         """Run spans started whose job's outcome has not been recorded yet."""
         return len(self._spans)
 
-    def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every outcome reported so far is recorded; whether it was in time.
-
-        Outcomes are recorded in a thread of the instrumentation's, shortly after the
-        worker wrote them; a worker's stop waits for it, so after ``run_once()`` (or
-        ``run()``) returns everything is recorded.
-        """
-        return self._recorder.flush(timeout)
-
     def _attach(self) -> None:
         hooks = self.hooks
         if self.carry_trace_context:
@@ -322,18 +267,16 @@ class Instrumentation:
             hooks.before_job_run(self._strip)
         hooks.job_run_context(self._run_scope)
         hooks.job_add_context(self._add_scope)
-        # On the loop, outcomes are only queued for the recorder (see _Recorder).
-        put = self._recorder.put
-        hooks.on("job_complete")(functools.partial(put, self._completed))
-        hooks.on("job_fail")(functools.partial(put, self._failed))
-        hooks.on("job_permanently_fail")(functools.partial(put, self._failed))
-        hooks.on("job_lock_lost")(functools.partial(put, self._lock_lost))
+        hooks.on("job_complete")(self._completed)
+        hooks.on("job_fail")(self._failed)
+        hooks.on("job_permanently_fail")(self._failed)
+        hooks.on("job_lock_lost")(self._lock_lost)
         if self._tracer is not None:
-            hooks.on("worker_fence")(functools.partial(put, self._fenced))
+            hooks.on("worker_fence")(self._fenced)
+            hooks.on("worker_stop")(self._stopped)
         if self._metrics is not None:
-            hooks.on("jobs_fetched")(functools.partial(put, self._fetched))
-            hooks.on("jobs_written")(functools.partial(put, self._written))
-        hooks.on("worker_stop")(self._on_stop)
+            hooks.on("jobs_fetched")(self._fetched)
+            hooks.on("jobs_written")(self._written)
 
     def _key(self, job: Job) -> _Key:
         if not self.by_queue:
@@ -387,16 +330,24 @@ class Instrumentation:
     # -- running ----------------------------------------------------------------------
 
     def _run_scope(self, job: Job) -> AbstractContextManager[None]:
-        return _RunScope(self, job)
-
-    def _started(self, job: Job) -> object | None:
-        """Count the start; start the run span and make it current (its token)."""
+        """Count the start (in the handler's thread or task, just before it runs)."""
         if self._metrics is not None:
             self._metrics.add("started", self._key(job))
-        if self._tracer is None:
-            return None
+        if self._tracer is None or not self._chosen(job):
+            return _UNSCOPED
+        return _RunScope(self, job)
+
+    def _open_span(self, job: Job) -> object:
+        """Start the run span and make it current; the token to detach."""
         span = self._start_span(job, time.time_ns())
         return otel_context.attach(trace.set_span_in_context(span))
+
+    def _chosen(self, job: Job) -> bool:
+        """Whether ``job``'s runs are recorded one by one (a span, a duration).
+
+        The same answer for each of its attempts.
+        """
+        return self._every or (job.id * 0x9E3779B1) & 0xFFFFFFFF < self._chosen_below
 
     def _start_span(self, job: Job, start: int) -> Span:
         assert self._tracer is not None
@@ -428,8 +379,6 @@ class Instrumentation:
         error: str | None = None,
         exception: BaseException | None = None,
     ) -> None:
-        if self._tracer is None:
-            return
         run = self._spans.pop(job.id, None)
         if run is None:
             # No handler ran (an interceptor skipped or failed the job): a span still
@@ -446,27 +395,36 @@ class Instrumentation:
         span.end(end_time=run.start + int(duration * 1e9))
 
     def _completed(self, event: JobCompleteEvent) -> None:
-        job = event.job
-        job_metrics = self._metrics
-        if job_metrics is not None:
-            key = self._key(job)
-            job_metrics.add("completed", key)
-            # An empty context: no exemplar to look for, the loop runs in no span.
-            job_metrics.duration.record(
-                event.duration, job_metrics.attributes(key, "completed"), _ROOT
-            )
-        self._end(job, "completed", event.duration)
+        self._ended(event.job, _COMPLETED, "completed", event.duration)
 
     def _failed(self, event: JobFailEvent) -> None:
-        job = event.job
-        outcome = "retried" if event.will_retry else "permanently_failed"
+        if event.will_retry:
+            counted, outcome = _RETRIED, "retried"
+        else:
+            counted, outcome = _PERMANENTLY_FAILED, "permanently_failed"
+        self._ended(event.job, counted, outcome, event.duration, event.error, event.exception)
+
+    def _ended(
+        self,
+        job: Job,
+        counted: tuple[str, ...],
+        outcome: str,
+        duration: float,
+        error: str | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Count an outcome; for a chosen job, record its duration and end its span."""
+        chosen = self._chosen(job)
         job_metrics = self._metrics
         if job_metrics is not None:
             key = self._key(job)
-            job_metrics.add("failed", key)
-            job_metrics.add(outcome, key)
-            job_metrics.duration.record(event.duration, job_metrics.attributes(key, outcome), _ROOT)
-        self._end(job, outcome, event.duration, event.error, event.exception)
+            job_metrics.ended(key, counted)
+            if chosen:
+                attributes = job_metrics.attributes(key, outcome)
+                # An empty context: no exemplar to look for, the loop runs in no span.
+                job_metrics.duration.record(duration, attributes, _ROOT)
+        if chosen and self._tracer is not None:
+            self._end(job, outcome, duration, error, exception)
 
     def _lock_lost(self, event: JobLockLostEvent) -> None:
         if self._metrics is not None:
@@ -479,15 +437,9 @@ class Instrumentation:
         if event.fenced:
             self._abandon(lambda job_id, _run: job_id in event.job_ids)
 
-    def _on_stop(self, event: WorkerStopEvent) -> None:
-        if self._tracer is not None:
-            # Every outcome is written by now (and queued before this): what is still
-            # open after them was given up.
-            self._recorder.put(self._stopped, event.worker_id)
-        if not self.flush(_FLUSH_TIMEOUT):
-            logger.warning("telemetry of the worker's last jobs is still being recorded")
-
-    def _stopped(self, worker_id: str) -> None:
+    def _stopped(self, event: WorkerStopEvent) -> None:
+        # Every outcome is written and recorded by now: what is still open was given up.
+        worker_id = event.worker_id
         self._abandon(lambda _job_id, run: run.worker_id == worker_id)
 
     def _abandon(self, which: Callable[[int, _RunSpan], bool]) -> None:
@@ -499,12 +451,15 @@ class Instrumentation:
                 run.span.end(end_time=now)
 
     def _fetched(self, event: JobsFetchedEvent) -> None:
-        assert self._metrics is not None
-        self._metrics.fetch_size.record(len(event.jobs))
+        job_metrics = self._metrics
+        assert job_metrics is not None
+        job_metrics.fetch_size.record(len(event.jobs), None, _ROOT)
 
     def _written(self, event: JobsWrittenEvent) -> None:
-        assert self._metrics is not None
-        self._metrics.write_size.record(event.size, {"outcome": event.outcome})
+        job_metrics = self._metrics
+        assert job_metrics is not None
+        attributes = _WRITTEN.get(event.outcome) or {"outcome": event.outcome}
+        job_metrics.write_size.record(event.size, attributes, _ROOT)
 
 
 def _hooks_of(target: object, what: str) -> Hooks:
@@ -533,6 +488,7 @@ def instrument(
     metrics: bool = True,
     carry_trace_context: bool = False,
     by_queue: bool = True,
+    sample_runs: float = 1.0,
 ) -> Instrumentation:
     """Attach tracing and job metrics to ``target``'s hooks; returns what was attached.
 
@@ -549,7 +505,19 @@ def instrument(
     they run, and only when every handler of those jobs is a Python one: a Node handler
     would see the key. ``by_queue=False`` leaves the ``queue`` attribute off job metrics
     (one series per task), for applications with many named queues.
+
+    ``sample_runs`` (0 to 1) is the share of jobs whose runs are recorded one by one: a
+    run span (the tracer's own sampler then still applies) and a point in the duration
+    histogram. Jobs are chosen by id: every attempt of a chosen job, none of the
+    others. The counters count every job whatever the share. Each span, each histogram
+    point and each span a sampler drops costs the OpenTelemetry SDK microseconds, as
+    much as a no-op job's whole run: for busy workers choose the share here
+    (``sample_runs=0.01``), not in the sampler. Add spans are not affected.
     """
+    if type(sample_runs) not in (int, float):
+        raise InvalidArgumentType(f"sample_runs must be a number, not {type(sample_runs).__name__}")
+    if not 0.0 <= sample_runs <= 1.0:
+        raise InvalidArgument(f"sample_runs must be between 0 and 1, not {sample_runs!r}")
     hooks = _hooks_of(target, "instrument")
     if hooks in _instrumented:
         raise InvalidArgument("these hooks are already instrumented")
@@ -567,6 +535,7 @@ def instrument(
         job_metrics,
         carry_trace_context=carry_trace_context,
         by_queue=by_queue,
+        sample_runs=float(sample_runs),
     )
     instrumentation._attach()
     _instrumented.add(hooks)

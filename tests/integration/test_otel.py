@@ -220,9 +220,8 @@ def test_run_spans_carry_the_job_and_its_outcome(
     final = utils.add_raw_job("sync_job", {"fail": True}, JobSpec(max_attempts=1))
     awaited = utils.add_raw_job("async_job", {})
     Worker(engine, [sync_job, async_job], schema=schema, hooks=hooks).run_once()
-    # The worker's stop waited for the recorder: every run span is ended.
+    # Outcomes are recorded as they are written: every run span is ended.
     assert instrumentation.open_spans == 0
-    assert instrumentation.flush()
 
     runs = {
         span.attributes["graphile_worker.job.id"]: span
@@ -409,6 +408,65 @@ def test_job_metrics_without_queues(engine: Engine, schema: str, telemetry: Tele
     Worker(engine, [work], schema=schema, hooks=hooks).run_once()
     assert telemetry.value("graphile_worker.jobs.completed", task="work") == 2
     assert telemetry.finished() == []  # tracing off
+
+
+def test_sample_runs_records_every_attempt_of_the_chosen_jobs_and_counts_all(
+    engine: Engine, schema: str, telemetry: Telemetry
+) -> None:
+    hooks = _instrumented(telemetry, sample_runs=0.5)
+
+    @task("flaky")
+    def flaky(payload: Any, ctx: WorkerContext) -> None:
+        if ctx.job.attempts == 1:
+            raise RuntimeError("first attempt fails")
+
+    utils = WorkerUtils(engine, schema, hooks=hooks)
+    jobs = utils.add_raw_jobs([RawJobSpec("flaky", {}, JobSpec(max_attempts=2)) for _ in range(40)])
+    worker = Worker(engine, [flaky], schema=schema, hooks=hooks, concurrency=4)
+    worker.run_once()  # every first attempt fails
+    execute(engine, f"update {quote_schema(schema)}._private_jobs set run_at = now()")
+    worker.run_once()  # every second attempt completes
+
+    attempts: dict[int, list[str]] = {}
+    for span in telemetry.finished():
+        if span.kind == SpanKind.CONSUMER and span.attributes is not None:
+            job_id = span.attributes["graphile_worker.job.id"]
+            attempts.setdefault(job_id, []).append(span.attributes["graphile_worker.job.outcome"])
+    # About half the jobs are chosen (by id), and each chosen job has both its runs.
+    assert 0 < len(attempts) < len(jobs)
+    assert set(attempts) <= {job.id for job in jobs}
+    assert all(sorted(runs) == ["completed", "retried"] for runs in attempts.values())
+    # The durations are of the chosen runs; the counters count every job.
+    durations = {
+        point.attributes["outcome"]: point.count
+        for point in telemetry.points("graphile_worker.job.duration")
+    }
+    assert durations == {"retried": len(attempts), "completed": len(attempts)}
+    assert telemetry.value("graphile_worker.jobs.started", task="flaky", queue="") == 80
+    assert telemetry.value("graphile_worker.jobs.retried", task="flaky", queue="") == 40
+    assert telemetry.value("graphile_worker.jobs.completed", task="flaky", queue="") == 40
+
+
+def test_sample_runs_zero_records_no_run_and_bad_shares_are_refused(
+    engine: Engine, schema: str, telemetry: Telemetry
+) -> None:
+    hooks = _instrumented(telemetry, sample_runs=0)
+
+    @task("work")
+    def work(payload: Any, ctx: WorkerContext) -> None:
+        pass
+
+    utils = WorkerUtils(engine, schema, hooks=hooks)
+    utils.add_raw_jobs([RawJobSpec("work", {}) for _ in range(5)])
+    Worker(engine, [work], schema=schema, hooks=hooks).run_once()
+    assert [span.kind for span in telemetry.finished()] == [SpanKind.PRODUCER]  # the add
+    assert telemetry.points("graphile_worker.job.duration") == []
+    assert telemetry.value("graphile_worker.jobs.completed", task="work", queue="") == 5
+    for share in (-0.1, 1.5):
+        with pytest.raises(InvalidArgument, match="sample_runs"):
+            instrument(Hooks(), sample_runs=share)
+    with pytest.raises(InvalidArgumentType, match="sample_runs"):
+        instrument(Hooks(), sample_runs="0.5")  # type: ignore[arg-type]
 
 
 def _gauges(telemetry: Telemetry, metric: str) -> dict[tuple[Any, ...], float]:
