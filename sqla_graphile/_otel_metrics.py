@@ -66,24 +66,31 @@ _Attributes: TypeAlias = dict[str, Any]
 # -- metrics shared by every instrumentation on one meter provider ------------------------
 
 
+# Each counter's place in a tally (a list of counts, one per task and queue).
+_PLACES = {name: place for place, name in enumerate(_COUNTERS)}
+ADDED, STARTED, COMPLETED, FAILED, RETRIED, PERMANENTLY_FAILED, LOCK_LOST = range(len(_COUNTERS))
+
+
 class _JobMetrics:
     """The job instruments of one meter provider.
 
-    Counters are observable: events add to plain totals (a fraction of a microsecond,
-    cheap enough to count every job of a busy worker) and the totals are reported at
-    each collection. A histogram's ``record`` costs the SDK microseconds, as much as a
-    no-op job's whole run: durations are recorded for the runs chosen by
-    ``sample_runs`` only.
+    Counters are observable: each thread counts in tallies of its own, without a lock
+    (a fraction of a microsecond, cheap enough to count every job of a busy worker),
+    and a collection reports their sums. A histogram's ``record`` costs the SDK
+    microseconds, as much as a no-op job's whole run: durations are recorded for the
+    runs chosen by ``sample_runs`` only.
     """
 
     def __init__(self, meter: Meter) -> None:
-        self._lock = threading.Lock()
-        self._totals: dict[str, dict[_Key, int]] = {name: {} for name in _COUNTERS}
+        self._local = threading.local()
+        # Every thread's tallies, by task and queue; a thread only ever writes its own.
+        self._tallies: list[dict[_Key, list[int]]] = []
+        self._tallies_lock = threading.Lock()
         self._attributes: dict[tuple[str, str | None, str | None], _Attributes] = {}
         for name, description in _COUNTERS.items():
             meter.create_observable_counter(
                 f"graphile_worker.jobs.{name}",
-                callbacks=[functools.partial(self._observe, name)],
+                callbacks=[functools.partial(self._observe, _PLACES[name])],
                 unit="{job}",
                 description=description,
             )
@@ -106,6 +113,19 @@ class _JobMetrics:
             explicit_bucket_boundaries_advisory=list(SIZE_BUCKETS),
         )
 
+    def tally(self, key: _Key) -> list[int]:
+        """The calling thread's counts for a task and queue (indexed by ``ADDED`` ...)."""
+        try:
+            mine: dict[_Key, list[int]] = self._local.tallies
+        except AttributeError:
+            mine = self._local.tallies = {}
+            with self._tallies_lock:
+                self._tallies.append(mine)
+        found = mine.get(key)
+        if found is None:
+            found = mine[key] = [0] * len(_COUNTERS)
+        return found
+
     def attributes(self, key: _Key, outcome: str | None = None) -> _Attributes:
         """The (cached) attribute dict of a task, queue and optional outcome."""
         full = (key[0], key[1], outcome)
@@ -119,25 +139,17 @@ class _JobMetrics:
             self._attributes[full] = found
         return found
 
-    def add(self, name: str, key: _Key, amount: int = 1) -> None:
-        """Count ``amount`` under ``name`` for a task and queue."""
-        totals = self._totals[name]
-        # Handler threads count starts while the loop counts outcomes.
-        with self._lock:
-            totals[key] = totals.get(key, 0) + amount
-
-    def ended(self, key: _Key, counted: tuple[str, ...]) -> None:
-        """A job's outcome: one more in each of the ``counted`` counters."""
-        totals = self._totals
-        with self._lock:
-            for name in counted:
-                named = totals[name]
-                named[key] = named.get(key, 0) + 1
-
-    def _observe(self, name: str, _options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            items = list(self._totals[name].items())
-        return [Observation(value, self.attributes(key)) for key, value in items]
+    def _observe(self, place: int, _options: CallbackOptions) -> Iterable[Observation]:
+        with self._tallies_lock:
+            tallies = list(self._tallies)
+        sums: dict[_Key, int] = {}
+        for tally in tallies:
+            # A copy is taken at once (no other thread runs meanwhile): the owner may be
+            # adding keys while this sums.
+            for key, counts in list(tally.items()):
+                sums[key] = sums.get(key, 0) + counts[place]
+        # A series appears with its first count (a tally holds every counter of its key).
+        return [Observation(value, self.attributes(key)) for key, value in sums.items() if value]
 
 
 _job_metrics: weakref.WeakKeyDictionary[Any, _JobMetrics] = weakref.WeakKeyDictionary()

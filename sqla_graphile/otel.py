@@ -59,8 +59,15 @@ from ._otel_metrics import (
     _A_OUTCOME,
     _A_QUEUE,
     _A_TASK,
+    ADDED,
+    COMPLETED,
     DURATION_BUCKETS,
+    FAILED,
+    LOCK_LOST,
+    PERMANENTLY_FAILED,
+    RETRIED,
     SIZE_BUCKETS,
+    STARTED,
     _Attributes,
     _JobMetrics,
     _Key,
@@ -117,9 +124,9 @@ _instrumented: weakref.WeakSet[Hooks] = weakref.WeakSet()
 # The run context of a job with no run span (a no-op; it holds no state).
 _UNSCOPED = contextlib.nullcontext()
 # The counters each outcome adds to.
-_COMPLETED = ("completed",)
-_RETRIED = ("failed", "retried")
-_PERMANENTLY_FAILED = ("failed", "permanently_failed")
+_COMPLETED = (COMPLETED,)
+_RETRIED = (FAILED, RETRIED)
+_PERMANENTLY_FAILED = (FAILED, PERMANENTLY_FAILED)
 _WRITTEN: dict[str, _Attributes] = {
     "complete": {"outcome": "complete"},
     "fail": {"outcome": "fail"},
@@ -325,14 +332,14 @@ class Instrumentation:
             key = self._key(job)
             counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
-            job_metrics.add("added", key, count)
+            job_metrics.tally(key)[ADDED] += count
 
     # -- running ----------------------------------------------------------------------
 
     def _run_scope(self, job: Job) -> AbstractContextManager[None]:
         """Count the start (in the handler's thread or task, just before it runs)."""
         if self._metrics is not None:
-            self._metrics.add("started", self._key(job))
+            self._metrics.tally(self._key(job))[STARTED] += 1
         if self._tracer is None or not self._chosen(job):
             return _UNSCOPED
         return _RunScope(self, job)
@@ -407,7 +414,7 @@ class Instrumentation:
     def _ended(
         self,
         job: Job,
-        counted: tuple[str, ...],
+        counted: tuple[int, ...],
         outcome: str,
         duration: float,
         error: str | None = None,
@@ -418,7 +425,9 @@ class Instrumentation:
         job_metrics = self._metrics
         if job_metrics is not None:
             key = self._key(job)
-            job_metrics.ended(key, counted)
+            tally = job_metrics.tally(key)
+            for place in counted:
+                tally[place] += 1
             if chosen:
                 attributes = job_metrics.attributes(key, outcome)
                 # An empty context: no exemplar to look for, the loop runs in no span.
@@ -428,7 +437,7 @@ class Instrumentation:
 
     def _lock_lost(self, event: JobLockLostEvent) -> None:
         if self._metrics is not None:
-            self._metrics.add("lock_lost", self._key(event.job))
+            self._metrics.tally(self._key(event.job))[LOCK_LOST] += 1
         run = self._spans.get(event.job.id)
         if run is not None:
             self._end(event.job, "lock_lost", (time.time_ns() - run.start) / 1e9)
