@@ -140,7 +140,7 @@ class _Dashboard:
     def error(self, request: Request, status: int, message: str) -> Response:
         if not hasattr(request.state, "operator"):
             request.state.operator = None
-        return self.render(request, "error.html", status, status=status, message=message)
+        return self.render(request, "error.html", status, page="", status=status, message=message)
 
     def guarded(self, handler: _Handler) -> _Handler:
         """``handler`` behind the hook, with database errors shown as pages."""

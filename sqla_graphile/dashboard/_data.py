@@ -145,8 +145,8 @@ def jobs_page_op(schema: str, where: JobFilter, *, limit: int, scan: int) -> Op[
         return JobsPage(rows[:limit], rows[limit - 1].id)
     if where.key is not None:
         return JobsPage(rows, None)
-    end = (yield sql.scan_end, {"before": before, "scan": scan}).one()
-    low, seen = end[0], end[1]
+    end = (yield sql.scan_end, {"before": before, "scan": scan}).mappings().one()
+    low, seen = end["low"], end["seen"]
     if seen < scan:  # the window reached the oldest job: nothing below
         return JobsPage(rows, None, scanned=seen)
     return JobsPage(rows, low, search_further=True, scanned=seen)
