@@ -249,7 +249,7 @@ class _Dashboard:
             data=data,
             unregistered=[h for h in data.holders if h.worker_id not in registered],
             holders={h.worker_id: h for h in data.holders},
-            now=datetime.now().astimezone(),
+            now=data.now,
         )
 
     async def cron(self, request: Request) -> Response:

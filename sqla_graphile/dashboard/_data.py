@@ -218,6 +218,7 @@ class Workers:
     registered: list[ActiveWorker]
     holders: list[LockHolder]
     threshold: timedelta
+    now: datetime
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ class Database:
                     connection, list_active_workers_op(self.schema, threshold)
                 )
             holders = await drive_async(connection, lock_holders_op(self.schema))
-        return Workers(registered, holders, threshold)
+            now = (await connection.execute(self.sql.admin.now)).scalar_one()
+        return Workers(registered, holders, threshold, now)
 
     async def cron(self, items: Sequence[Cron]) -> tuple[list[CronRow], datetime]:
         """Every known crontab item and every item of ``items``, with their next runs."""
