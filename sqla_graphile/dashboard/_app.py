@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, Router
 
 from .._format import age, when
 from .._urls import async_engine_from_url
@@ -102,6 +102,7 @@ class _Dashboard:
         self.csrf = csrf
         self.title = title
         self.throughput = Throughput()
+        self.router = Router()
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("sqla_graphile.dashboard", "templates"),
             autoescape=True,  # payloads, errors, keys and names are user data
@@ -116,7 +117,11 @@ class _Dashboard:
         token, fresh = self.csrf.token(request)
 
         def url(name: str, path_params: dict[str, Any] | None = None, **params: Any) -> str:
-            path = str(request.url_for(name, **(path_params or {})).path)
+            # By the dashboard's own routes under its mount point: names of the app it is
+            # mounted into never collide with them.
+            path = str(request.scope.get("root_path", "")) + str(
+                self.router.url_path_for(name, **(path_params or {}))
+            )
             query = {k: str(v) for k, v in params.items() if v not in (None, "")}
             return path + ("?" + urllib.parse.urlencode(query) if query else "")
 
@@ -187,7 +192,7 @@ class _Dashboard:
     def _filter(self, request: Request) -> JobFilter:
         query = request.query_params
 
-        def text(name: str) -> str | None:
+        def given(name: str) -> str | None:
             value = query.get(name, "").strip()
             return value[:512] or None
 
@@ -201,10 +206,10 @@ class _Dashboard:
             raise HTTPException(400, "before must be a job id")
         return JobFilter(
             job_state,
-            text("task"),
-            text("queue"),
-            text("key"),
-            text("text"),
+            given("task"),
+            given("queue"),
+            given("key"),
+            given("text"),
             int(before) if before else None,
         )
 
@@ -390,6 +395,7 @@ def create_app(
         Route("/actions/{name}", guarded(dashboard.perform), methods=["POST"], name="perform"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
+    dashboard.router = app.router
     app.state.dashboard = dashboard
     return app
 

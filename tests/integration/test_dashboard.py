@@ -294,7 +294,10 @@ def test_cli_help_and_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--enable-actions" in result.output
     for name in [m for m in sys.modules if m.startswith("sqla_graphile.dashboard")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "starlette", None)
+    # As if not installed: every module of the extra's packages, imported or not.
+    for name in ["starlette", "jinja2", *sys.modules]:
+        if name.split(".")[0] in ("starlette", "jinja2"):
+            monkeypatch.setitem(sys.modules, name, None)
     result = runner.invoke(main, ["--database-url", "postgresql://x@127.0.0.1/x", "dashboard"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
