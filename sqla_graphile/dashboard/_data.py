@@ -182,16 +182,20 @@ class Throughput:
             self.samples.popleft()
 
     def rates(self) -> list[Rate]:
-        """A rate per window that samples cover (the oldest sample inside it is used)."""
+        """A rate per window, from the latest sample at least a window old to the newest.
+
+        Without a sample that old, the oldest one is used (the rate is then measured over
+        less than the window, as :attr:`Rate.measured_over` says).
+        """
         if len(self.samples) < 2:
             return []
         now, total, max_id = self.samples[-1]
         found = []
         for minutes in self.windows:
-            start = next(
-                (s for s in self.samples if s[0] >= now - timedelta(minutes=minutes)), None
-            )
-            if start is None or start[0] >= now:
+            cutoff = now - timedelta(minutes=minutes)
+            older = [s for s in self.samples if s[0] <= cutoff]
+            start = older[-1] if older else self.samples[0]
+            if start[0] >= now:
                 continue
             span = now - start[0]
             added = max(0, max_id - start[2])
