@@ -293,7 +293,12 @@ class _Dashboard:
         kind = request.headers.get("content-type", "").split(";")[0].strip()
         if kind != "application/x-www-form-urlencoded":
             raise HTTPException(415, "Actions take a form (application/x-www-form-urlencoded).")
-        body = (await request.body())[:_MAX_FORM].decode("utf-8", "replace")
+        raw = b""
+        async for chunk in request.stream():  # a chunked body has no length to check
+            raw += chunk
+            if len(raw) > _MAX_FORM:
+                raise HTTPException(413, "Form too large.")
+        body = raw.decode("utf-8", "replace")
         form = {k: v[0] for k, v in urllib.parse.parse_qs(body, max_num_fields=20).items()}
         operator = request.state.operator
         description = action.describe(form)

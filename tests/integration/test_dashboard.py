@@ -220,6 +220,8 @@ def test_action_input_is_checked(client: TestClient) -> None:
         "/actions/fail", content=b"{}", headers={"content-type": "application/json"}
     )
     assert plain.status_code == 415
+    large = client.post("/actions/fail", data={"job_id": "1", "reason": "x" * 20_000})
+    assert large.status_code == 413
 
 
 def test_bad_filters_and_missing_jobs(client: TestClient) -> None:
