@@ -2,7 +2,7 @@
 
 Each request runs in a transaction of its own with ``SET LOCAL statement_timeout`` (and,
 for pages, read only), on an async engine. The reads reuse the public admin surface:
-:func:`~sqla_graphile._admin.stats_op`, :func:`~sqla_graphile._admin.get_job_op`,
+:class:`~sqla_graphile.admin.WorkerStats`, :func:`~sqla_graphile._admin.get_job_op`,
 :func:`~sqla_graphile._admin.lock_holders_op`, the recovery registry's
 :func:`~sqla_graphile.recovery.list_active_workers_op`, the health numbers of
 :mod:`sqla_graphile._queue_metrics`; the job list is the dashboard's own keyset query
@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._admin import get_job_op, lock_holders_op, stats_op
+from .._admin import get_job_op, lock_holders_op
 from .._drive import Op, drive_async
 from .._queue_metrics import QueueSample, read_queue_samples
-from ..admin import JobState, LockHolder, WorkerStats
+from ..admin import JobState, LockHolder, QueueStats, WorkerStats
 from ..cron import Cron
 from ..job import Job
 from ..recovery import ActiveWorker, list_active_workers_op
@@ -45,6 +46,8 @@ __all__ = [
 
 #: A cursor above every job id: the first page.
 _TOP = 2**63 - 1
+#: Named queues the overview lists at most.
+MAX_QUEUES = 500
 
 
 def state_of(
@@ -246,6 +249,32 @@ def _next_run(item: Cron, after: datetime, horizon: timedelta) -> datetime | Non
     return None
 
 
+def _stats(groups: Sequence[QueueSample], queues: Sequence[Any]) -> WorkerStats:
+    """:class:`~sqla_graphile.admin.WorkerStats` summed from per task and queue groups."""
+    per_queue: collections.Counter[str | None] = collections.Counter()
+    for group in groups:
+        per_queue[group.queue_name] += (
+            group.runnable + group.scheduled + group.locked + group.permanently_failed
+        )
+    ages = [g.oldest_runnable_age for g in groups if g.oldest_runnable_age is not None]
+    ready = sum(g.runnable for g in groups)
+    scheduled = sum(g.scheduled for g in groups)
+    locked = sum(g.locked for g in groups)
+    failed = sum(g.permanently_failed for g in groups)
+    return WorkerStats(
+        ready=ready,
+        scheduled=scheduled,
+        locked=locked,
+        failed=failed,
+        total=ready + scheduled + locked + failed,
+        oldest_ready_age=timedelta(seconds=max(ages)) if ages else None,
+        queues=[
+            QueueStats(name, per_queue.get(name, 0), locked_by, locked_at)
+            for name, locked_by, locked_at in queues
+        ],
+    )
+
+
 class Database:
     """The dashboard's transactions on an async engine, each bounded in time."""
 
@@ -265,11 +294,18 @@ class Database:
             yield connection
 
     async def overview(self, throughput: Throughput) -> Overview:
-        """Counts by state and per queue, per task and queue, and throughput."""
+        """Counts by state and per queue, per task and queue, and throughput.
+
+        The jobs are read once, by the queue health numbers' query (one scan, grouped by
+        task and queue); the counts by state and per queue are summed from its groups.
+        """
         async with self.transaction() as connection:
-            stats = await drive_async(connection, stats_op(self.schema))
             groups = await connection.run_sync(read_queue_samples, self.schema)
+            queues = (
+                await connection.execute(self.sql.dashboard.queues, {"limit": MAX_QUEUES})
+            ).all()
             max_id, now = (await connection.execute(self.sql.dashboard.max_job_id)).one()
+        stats = _stats(groups, queues)
         throughput.record(now, stats.total, max_id)
         return Overview(stats, groups, throughput.rates(), now)
 

@@ -62,6 +62,14 @@ class DashboardStatements:
             .subquery("window")
         )
         self.scan_end = select(func.min(window.c.id).label("low"), func.count().label("seen"))
+        # The named queues and their holders, without counting jobs (the overview has
+        # the counts from the queue health numbers' one scan).
+        queues = schema.private_job_queues
+        self.queues = (
+            select(queues.c.queue_name, queues.c.locked_by, queues.c.locked_at)
+            .order_by(queues.c.queue_name)
+            .limit(bindparam("limit", type_=Integer))
+        )
 
     def _state(self, state: JobState, row: Any) -> ColumnElement[bool] | None:
         now = func.now()

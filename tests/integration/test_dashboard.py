@@ -75,9 +75,14 @@ def test_every_page_renders(client: TestClient, utils: WorkerUtils) -> None:
         assert "script-src" not in response.headers["content-security-policy"]
         assert "default-src 'none'" in response.headers["content-security-policy"]
     assert job_ids(client.get("/jobs").text) == [job.id]
+    other = utils.add_raw_job("mail", {}, JobSpec(queue_name="q"))
+    utils.permanently_fail_jobs([other.id], "no")
     overview = client.get("/").text
     assert 'data-count="ready">1<' in overview
-    assert 'data-count="total">1<' in overview
+    assert 'data-count="failed">1<' in overview
+    assert 'data-count="total">2<' in overview
+    # The named queue, its jobs summed over their states.
+    assert re.search(r'>q</a></td><td class="num">2</td>', overview)
 
 
 def test_values_are_escaped(client: TestClient, utils: WorkerUtils) -> None:
