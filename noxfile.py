@@ -37,7 +37,9 @@ def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy")
     session.run("mypy")
     session.chdir("benchmarks")
-    session.run("mypy", "--strict", "enqueue.py", "worker.py", "processes.py", "common.py")
+    session.run(
+        "mypy", "--strict", "enqueue.py", "worker.py", "processes.py", "common.py", "dashboard.py"
+    )
 
 
 @nox.session

@@ -15,7 +15,7 @@ option types in :mod:`.params`; the commands in :mod:`.jobs`, :mod:`.admin` and
 from __future__ import annotations
 
 # Imported for their commands, which they add to ``main``.
-from . import admin, jobs, run  # noqa: F401
+from . import admin, dashboard, jobs, run  # noqa: F401
 from .app import SUPPORTED_URLS, main
 from .errors import EXIT_BREAKING_MIGRATION
 from .params import parse_duration, parse_time

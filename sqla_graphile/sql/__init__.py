@@ -8,7 +8,8 @@ concern, each group built on first use:
 * :attr:`~Statements.recovery` (:mod:`.recovery`): heartbeats and recovery sweeps;
 * :attr:`~Statements.worker` (:mod:`.worker`): the worker's fetches and outcome writes;
 * :attr:`~Statements.catalog` (:mod:`.catalog`): the database's catalog, the ledger;
-* :attr:`~Statements.cron` (:mod:`.cron`): the cron scheduler's claims and jobs.
+* :attr:`~Statements.cron` (:mod:`.cron`): the cron scheduler's claims and jobs;
+* :attr:`~Statements.dashboard` (:mod:`.dashboard`): the dashboard's bounded job list.
 
 :func:`all_statements` lists them all by name. The revisions under
 ``migrations/versions`` keep the SQL they ran (frozen history).
@@ -28,6 +29,7 @@ from .admin import AdminStatements
 from .catalog import CatalogStatements
 from .common import IDEMPOTENT_OPTION, NODE_LOCK_EXPIRY
 from .cron import CronStatements, cron_statements
+from .dashboard import DashboardStatements
 from .recovery import RecoveryStatements
 from .worker import WorkerStatements
 
@@ -39,6 +41,7 @@ __all__ = [
     "AdminStatements",
     "CatalogStatements",
     "CronStatements",
+    "DashboardStatements",
     "RecoveryStatements",
     "Statements",
     "WorkerStatements",
@@ -49,7 +52,7 @@ __all__ = [
 
 _G = TypeVar("_G")
 
-_CONCERNS = ("adding", "admin", "recovery", "worker", "catalog", "cron")
+_CONCERNS = ("adding", "admin", "recovery", "worker", "catalog", "cron", "dashboard")
 
 #: The statements that do more when run a second time after the reply to the first was
 #: lost: they add another job, lock further jobs, or notify again. Every other statement
@@ -125,6 +128,11 @@ class Statements:
     def cron(self) -> CronStatements:
         """The cron scheduler's: known crontab items, and a minute's claims and jobs."""
         return _tagged("cron", cron_statements(self.schema.name))
+
+    @functools.cached_property
+    def dashboard(self) -> DashboardStatements:
+        """The dashboard's request settings and its keyset-paged job list."""
+        return _tagged("dashboard", DashboardStatements(self.schema))
 
 
 @functools.lru_cache(maxsize=64)

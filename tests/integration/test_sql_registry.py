@@ -61,7 +61,7 @@ def compiled(statement: Any, dialect: str = "psycopg2") -> str:
 def test_the_registry_lists_every_concern() -> None:
     names = all_statements("graphile_worker")
     concerns = {name.split(".")[0] for name in names}
-    assert concerns == {"adding", "admin", "recovery", "worker", "catalog", "cron"}
+    assert concerns == {"adding", "admin", "recovery", "worker", "catalog", "cron", "dashboard"}
     # A few by name, among them statements that used to live in several places.
     for name in (
         "adding.register_tasks",
