@@ -5,11 +5,15 @@
 Measures, each implementation on its own freshly migrated worker schema, after a warm-up:
 
 1. ``add_jobs`` of many jobs in batches: Node's ``workerUtils.addJobs`` vs our
-   ``WorkerUtils.add_raw_jobs`` (engine-bound: one transaction per batch).
+   ``WorkerUtils.add_raw_jobs`` (engine-bound: one transaction per batch); then the
+   fastest bulk add of each: Node's bare ``add_jobs`` SQL counting its rows vs our
+   ``WorkerUtils.bulk_add_raw_jobs``, with the CPU per job of each side and of the
+   PostgreSQL backends serving it.
 2. ``add_job`` with one commit each: Node's ``addJob`` vs ours through an ORM ``Session``,
    and the bare ``select * from add_job(...)`` through psycopg, for our overhead.
 3. ``add_job`` inside an already open transaction: microseconds per job.
-4. The asyncio twin of 2 (``AsyncWorkerUtils`` on psycopg async), for information.
+4. The asyncio twin of 2 (``AsyncWorkerUtils`` on psycopg async), beside the bare SQL
+   through ``psycopg.AsyncConnection`` with a commit each (the same round trips).
 
 The work of a round is cut into slices that the implementations take in turn (rotating
 who goes first), so a machine busy with something else slows them all alike; each figure
@@ -32,7 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import Schemas, database_url, parser, verdict, versions
+from common import (
+    Schemas,
+    ServerCpu,
+    database_url,
+    named,
+    parser,
+    process_cpu,
+    verdict,
+    versions,
+)
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -99,12 +112,30 @@ Opener = Callable[[str], tuple[Run, Callable[[], None]]]
 
 @dataclass
 class Side:
-    """One implementation measured: its label, how to run it, and its round timings."""
+    """One implementation measured: its label, how to run it, and its round timings.
+
+    A side with an ``app`` (the ``application_name`` of its connections) also has its
+    CPU time measured per round: the client's (``pid``, a Node process, or this one) and
+    the server's (its PostgreSQL backends).
+    """
 
     label: str
     open: Opener
     seconds: list[float] = field(default_factory=list)
     schema: str = ""
+    app: str | None = None
+    pid: list[int] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float | None] = field(default_factory=list)
+
+    def cpu_us(self, count: int) -> tuple[float, float | None]:
+        """Client and server CPU microseconds per job, in the best round."""
+        best = self.seconds.index(self.best)
+        server = self.server_cpu[best]
+        return (
+            self.client_cpu[best] / count * 1e6,
+            None if server is None else server / count * 1e6,
+        )
 
     @property
     def best(self) -> float:
@@ -161,12 +192,31 @@ def measure(ctx: Context, name: str, sides: list[Side], plan: Plan) -> dict[str,
             for side in sides:
                 ctx.reset(side.schema)
             totals = dict.fromkeys(runs, 0.0)
+            client = dict.fromkeys(runs, 0.0)
+            server: dict[str, float | None] = dict.fromkeys(runs, 0.0)
             for k in range(plan.count // plan.slice):
                 for side in sides[k % len(sides) :] + sides[: k % len(sides)]:
-                    totals[side.label] += runs[side.label](start, plan.slice)
+                    if side.app is None:
+                        totals[side.label] += runs[side.label](start, plan.slice)
+                        continue
+                    before = process_cpu(side.pid[0]) if side.pid else None
+                    with ServerCpu(ctx.conninfo, side.app) as cpu:
+                        totals[side.label] += runs[side.label](start, plan.slice)
+                    after = process_cpu(side.pid[0]) if side.pid else None
+                    if before is not None and after is not None:
+                        client[side.label] += after - before
+                    else:
+                        client[side.label] += cpu.own
+                    spent = server[side.label]
+                    if spent is not None and cpu.seconds is not None:
+                        server[side.label] = spent + cpu.seconds
+                    else:
+                        server[side.label] = None
                 start += plan.slice
             for side in sides:
                 side.seconds.append(totals[side.label])
+                side.client_cpu.append(client[side.label])
+                side.server_cpu.append(server[side.label])
     finally:
         for close in opened:
             close()
@@ -176,13 +226,21 @@ def measure(ctx: Context, name: str, sides: list[Side], plan: Plan) -> dict[str,
 # -- Node ---------------------------------------------------------------------------
 
 
-def node_side(ctx: Context, mode: str, batch: int = 0) -> Side:
-    """Node's WorkerUtils in a long-lived process, driven slice by slice over stdin."""
+def node_side(ctx: Context, mode: str, batch: int = 0, *, cpu: bool = False) -> Side:
+    """Node's WorkerUtils in a long-lived process, driven slice by slice over stdin.
+
+    ``cpu``: its CPU time and its backends' are measured too.
+    """
     node = ctx.node
     assert node is not None
+    app = f"bench_{ctx.token}_node_{mode}" if cpu else None
+    pids: list[int] = []
 
     def open_(schema: str) -> tuple[Run, Callable[[], None]]:
-        options: dict[str, Any] = {"connectionString": ctx.conninfo, "schema": schema, "mode": mode}
+        conninfo = ctx.conninfo
+        if app is not None:
+            conninfo = named(ctx.url, app).render_as_string(hide_password=False)
+        options: dict[str, Any] = {"connectionString": conninfo, "schema": schema, "mode": mode}
         if batch:
             options["batch"] = batch
         process = subprocess.Popen(
@@ -194,6 +252,7 @@ def node_side(ctx: Context, mode: str, batch: int = 0) -> Side:
         )
         assert process.stdin is not None and process.stdout is not None
         stdin, stdout = process.stdin, process.stdout
+        pids.append(process.pid)
 
         def read() -> dict[str, Any]:
             line = stdout.readline()
@@ -214,7 +273,7 @@ def node_side(ctx: Context, mode: str, batch: int = 0) -> Side:
 
         return run, close
 
-    return Side("node", open_)
+    return Side("node", open_, app=app, pid=pids)
 
 
 # -- ours, and the bare SQL baselines -------------------------------------------------
@@ -238,6 +297,28 @@ def ours_add_jobs(ctx: Context, batch: int) -> Side:
         return run, _nothing
 
     return Side("ours", open_)
+
+
+def ours_bulk_add(ctx: Context, batch: int) -> Side:
+    """``WorkerUtils.bulk_add_raw_jobs`` on an engine of its own (its backends are named)."""
+    app = f"bench_{ctx.token}_ours_bulk"
+
+    def open_(schema: str) -> tuple[Run, Callable[[], None]]:
+        engine = create_engine(named(ctx.url, app).set(drivername="postgresql+psycopg"))
+        utils = WorkerUtils(engine, schema)
+
+        def run(start: int, count: int) -> float:
+            started = time.perf_counter()
+            for offset in range(start, start + count, batch):
+                end = min(offset + batch, start + count)
+                utils.bulk_add_raw_jobs(
+                    [RawJobSpec(IDENTIFIER, payload(i)) for i in range(offset, end)]
+                )
+            return time.perf_counter() - started
+
+        return run, engine.dispose
+
+    return Side("ours_bulk", open_, app=app)
 
 
 def bare_add_jobs(ctx: Context, batch: int) -> Side:
@@ -432,9 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     table: list[tuple[str, str, str, str, str]] = []
 
-    def with_node(mode: str, batch: int = 0) -> list[Side]:
+    def with_node(mode: str, batch: int = 0, *, cpu: bool = False) -> list[Side]:
         """Node's side of a measurement, when Node is here."""
-        return [node_side(ctx, mode, batch)] if node else []
+        return [node_side(ctx, mode, batch, cpu=cpu)] if node else []
 
     try:
         # 1. add_jobs in batches, one transaction per batch
@@ -475,6 +556,60 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["add_jobs"] = entry
         print(line, flush=True)
+
+        # 1b. the fastest bulk add: Node's bare add_jobs SQL (count only) and our
+        # bulk_add_raw_jobs (a count, no Job objects), with the CPU each side spends
+        s = measure(
+            ctx,
+            "bulk",
+            [*with_node("add_jobs_sql", b, cpu=True), ours_bulk_add(ctx, b)],
+            plan,
+        )
+        entry = {"count": n, "batch": b, "sides": sides_json(s, n)}
+        ours_side = s["ours_bulk"]
+        cpu_line = ""
+        for label, side in s.items():
+            client_us, server_us = side.cpu_us(n)
+            entry["sides"][label].update(
+                client_cpu_us_per_job=client_us, server_cpu_us_per_job=server_us
+            )
+            server_cell = "n/a" if server_us is None else f"{server_us:.1f}"
+            cpu_line += (
+                f"\n    CPU per job, {label}: client {client_us:.1f} us, "
+                f"PostgreSQL backends {server_cell} us (best round)"
+            )
+            table.append(
+                (
+                    f"CPU per job, bulk: {label}",
+                    f"client {client_us:.1f} us",
+                    f"server {server_cell} us",
+                    "",
+                    "(information)",
+                )
+            )
+        line = f"bulk add {n} (batches of {b}), count only: "
+        if "node" in s:
+            ratio = ours_side.rate(n) / s["node"].rate(n)
+            entry.update(ratio=ratio, target=1.0, met=ratio >= 1.0)
+            line += (
+                f"node bare add_jobs SQL {jobs_per_s(s['node'].rate(n))}, ours "
+                f"bulk_add_raw_jobs {jobs_per_s(ours_side.rate(n))}, ratio {ratio:.2f}x  "
+                f"[target >= 1.00x: {verdict(ratio >= 1.0)}]"
+            )
+            table.insert(
+                len(table) - len(s),
+                (
+                    f"bulk add {n}/{b}, count only",
+                    jobs_per_s(s["node"].rate(n)) + " (bare SQL)",
+                    jobs_per_s(ours_side.rate(n)),
+                    f"{ratio:.2f}x",
+                    f">= 1.00x {verdict(ratio >= 1.0)}",
+                ),
+            )
+        else:
+            line += f"ours bulk_add_raw_jobs {jobs_per_s(ours_side.rate(n))}"
+        results["bulk_add"] = entry
+        print(line + cpu_line, flush=True)
 
         # 2. add_job, one commit each
         n = sizes.single
@@ -578,26 +713,31 @@ def main(argv: list[str] | None = None) -> int:
         line = f"add_job x{n} async, one commit each: "
         if "node" in s:
             ratio = ours.rate(n) / s["node"].rate(n)
-            entry["ratio"] = ratio
+            entry.update(ratio=ratio, target=1.0, met=ratio >= 1.0)
             line += (
                 f"node {jobs_per_s(s['node'].rate(n))}, ours (AsyncSession) "
-                f"{jobs_per_s(ours.rate(n))}, ratio {ratio:.2f}x  (information)"
+                f"{jobs_per_s(ours.rate(n))}, ratio {ratio:.2f}x  "
+                f"[target >= 1.00x: {verdict(ratio >= 1.0)}]"
             )
             table.append(
                 (
-                    f"add_job x{n} async",
+                    f"add_job x{n} (AsyncSession)",
                     jobs_per_s(s["node"].rate(n)),
                     jobs_per_s(ours.rate(n)),
                     f"{ratio:.2f}x",
-                    "(information)",
+                    f">= 1.00x {verdict(ratio >= 1.0)}",
                 )
             )
         else:
             line += f"ours (AsyncSession) {jobs_per_s(ours.rate(n))}"
+        bare_ratio = bare.rate(n) / s["node"].rate(n) if "node" in s else None
         line += (
-            f"\n    bare SQL (psycopg async) {jobs_per_s(bare.rate(n))}: "
-            f"our overhead {overhead:+.1%}"
+            f"\n    bare SQL (psycopg async, BEGIN + statement + COMMIT) {jobs_per_s(bare.rate(n))}"
+            f": our overhead {overhead:+.1%}"
         )
+        if bare_ratio is not None:
+            entry["bare_sql_ratio_to_node"] = bare_ratio
+            line += f"; the bare call itself is {bare_ratio:.2f}x Node's addJob (what bounds ours)"
         results["add_job_async"] = entry
         print(line, flush=True)
     finally:

@@ -45,7 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import Schemas, database_url, parser, verdict, versions
+from common import (
+    Schemas,
+    ServerCpu,
+    database_url,
+    named,
+    parser,
+    process_cpu,
+    verdict,
+    versions,
+)
 from sqlalchemy import create_engine, text
 
 from sqla_graphile import Hooks, Worker, WorkerContext, task
@@ -70,7 +79,7 @@ select * from {schema}.add_job(identifier => 'latency'::text, payload => %s::jso
 
 #: Targets, as ratios to Node's same configuration: throughput at least, latency at most.
 DEFAULTS_TARGET = 5.0
-BATCHED_TARGET = 1.1
+BATCHED_TARGET = 1.5
 LATENCY_TARGET = 0.8
 
 #: Our batched configuration: a larger local queue (batched writes are the default).
@@ -116,6 +125,14 @@ class Database(Schemas):
     def sqlalchemy_url(self) -> str:
         return self.url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
+    def app(self, label: str) -> str:
+        """The ``application_name`` of a configuration's connections (see ``ServerCpu``)."""
+        return f"bench_{self.token}_{label}"
+
+    def named_url(self, label: str, *, driver: str = "postgresql") -> str:
+        url = named(self.url, self.app(label)).set(drivername=driver)
+        return url.render_as_string(hide_password=False)
+
     def reset(self, schema: str) -> None:
         q = quote_schema(schema)
         with self.engine.begin() as connection:
@@ -146,9 +163,11 @@ class Database(Schemas):
 class NodeProcess:
     """A long-lived ``worker.mjs`` driven over stdin."""
 
-    def __init__(self, node: str, db: Database, schema: str, *, batched: bool) -> None:
+    def __init__(
+        self, node: str, db: Database, schema: str, *, batched: bool, label: str = ""
+    ) -> None:
         options = {
-            "connectionString": db.conninfo,
+            "connectionString": db.named_url(label) if label else db.conninfo,
             "schema": schema,
             "concurrency": CONCURRENCY,
             "batched": batched,
@@ -190,6 +209,32 @@ class Config:
     startup: list[float] = field(default_factory=list)
     rounds: list[float] = field(default_factory=list)
     left_over: list[int] = field(default_factory=list)
+    app: str | None = None
+    """The ``application_name`` of its connections: its CPU time is measured."""
+    pid: int | None = None
+    """Its process, when not this one (Node's)."""
+    client_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float | None] = field(default_factory=list)
+    """Per round: CPU seconds of the run less those of its startup run."""
+
+    def cpu_us(self, jobs: int) -> tuple[float, float | None] | None:
+        """Client and server CPU microseconds per job in the best round (if measured)."""
+        if not self.client_cpu:
+            return None
+        best = self.rates(jobs).index(self.best(jobs))
+        server = self.server_cpu[best]
+        return self.client_cpu[best] / jobs * 1e6, None if server is None else server / jobs * 1e6
+
+    def timed(self, db: Database) -> tuple[float, float, float | None]:
+        """Run the queue once: seconds, and the client's and the server's CPU seconds."""
+        if self.app is None:
+            return self.run_once(self.schema), 0.0, None
+        before = process_cpu(self.pid) if self.pid is not None else None
+        with ServerCpu(db.conninfo, self.app, interval=0.05) as cpu:
+            seconds = self.run_once(self.schema)
+        after = process_cpu(self.pid) if self.pid is not None else None
+        client = after - before if before is not None and after is not None else cpu.own
+        return seconds, client, cpu.seconds
 
     def rates(self, jobs: int) -> list[float]:
         base = min(self.startup)
@@ -208,12 +253,17 @@ def ours_once(
     handler: Any,
     settings: dict[str, Any],
     hooks: Callable[[], Hooks] | None = None,
+    label: str = "",
 ) -> Callable[[str], float]:
-    """Run a fresh worker once; ``hooks`` makes the hooks of each (instrumented) run."""
+    """Run a fresh worker once; ``hooks`` makes the hooks of each (instrumented) run.
+
+    ``label`` names its connections (``Database.app``), so its server CPU can be told.
+    """
+    url = db.named_url(label, driver="postgresql+psycopg") if label else db.sqlalchemy_url
 
     def run(schema: str) -> float:
         worker = Worker(
-            db.sqlalchemy_url,
+            url,
             [handler],
             schema=schema,
             concurrency=CONCURRENCY,
@@ -238,12 +288,24 @@ def measure_throughput(db: Database, configs: list[Config], sizes: Sizes, repeat
         shift = round_ % len(configs)
         for config in configs[shift:] + configs[:shift]:
             db.reset(config.schema)
-            config.startup.append(config.run_once(config.schema))
+            startup, startup_client, startup_server = config.timed(db)
+            config.startup.append(startup)
             db.queue(config.schema, sizes.jobs)
-            config.rounds.append(config.run_once(config.schema))
+            seconds, client, server = config.timed(db)
+            config.rounds.append(seconds)
             config.left_over.append(db.remaining(config.schema))
             rate = sizes.jobs / max(config.rounds[-1] - min(config.startup), 1e-9)
-            print(f"  round {round_ + 1}: {config.label:<16} {rate:>9,.0f} jobs/s", flush=True)
+            line = f"  round {round_ + 1}: {config.label:<16} {rate:>9,.0f} jobs/s"
+            if config.app is not None:
+                config.client_cpu.append(max(0.0, client - startup_client))
+                # A startup run too short for the poller to see a backend counts as none.
+                spent = None if server is None else max(0.0, server - (startup_server or 0.0))
+                config.server_cpu.append(spent)
+                per_job = config.client_cpu[-1] / sizes.jobs * 1e6
+                line += f"  CPU per job: client {per_job:.1f} us"
+                if spent is not None:
+                    line += f", PostgreSQL {spent / sizes.jobs * 1e6:.1f} us"
+            print(line, flush=True)
 
 
 # -- latency ----------------------------------------------------------------------------
@@ -356,7 +418,7 @@ def throughput(
             for batched in (False, True):
                 label = "node_batched" if batched else "node_default"
                 schema = db.fresh_schema(label)
-                process = NodeProcess(node, db, schema, batched=batched)
+                process = NodeProcess(node, db, schema, batched=batched, label=label)
                 processes.append(process)
                 environment["graphile_worker"] = process.version
                 description = (
@@ -364,25 +426,30 @@ def throughput(
                     if batched
                     else "Node, defaults"
                 )
-                configs.append(Config(label, description, node_once(process), schema))
-        configs += [
-            Config("ours_default", "ours, defaults, def handler", ours_once(db, noop, {})),
-            Config(
-                "ours_default_async",
-                "ours, defaults, async def handler",
-                ours_once(db, async_noop, {}),
-            ),
-            Config(
-                "ours_batched",
-                "ours, local_queue_size=500, def handler",
-                ours_once(db, noop, OURS_BATCHED),
-            ),
-            Config(
+                configs.append(
+                    Config(
+                        label,
+                        description,
+                        node_once(process),
+                        schema,
+                        app=db.app(label),
+                        pid=process.process.pid,
+                    )
+                )
+        ours_configs = [
+            ("ours_default", "ours, defaults, def handler", noop, {}),
+            ("ours_default_async", "ours, defaults, async def handler", async_noop, {}),
+            ("ours_batched", "ours, local_queue_size=500, def handler", noop, OURS_BATCHED),
+            (
                 "ours_batched_async",
                 "ours, local_queue_size=500, async def handler",
-                ours_once(db, async_noop, OURS_BATCHED),
+                async_noop,
+                OURS_BATCHED,
             ),
         ]
+        for label, description, handler, settings in ours_configs:
+            run = ours_once(db, handler, settings, label=label)
+            configs.append(Config(label, description, run, app=db.app(label)))
         print("throughput:")
         measure_throughput(db, configs, sizes, repeats)
         by_label = {config.label: config for config in configs}
@@ -394,6 +461,10 @@ def throughput(
                 "jobs_per_second": config.rates(sizes.jobs),
                 "best_jobs_per_second": config.best(sizes.jobs),
                 "jobs_left_after_run": config.left_over,
+                "client_cpu_us_per_job": [c / sizes.jobs * 1e6 for c in config.client_cpu],
+                "server_cpu_us_per_job": [
+                    None if c is None else c / sizes.jobs * 1e6 for c in config.server_cpu
+                ],
             }
             for config in configs
         }
@@ -432,6 +503,21 @@ def throughput(
                 table.append(
                     (f"{sizes.jobs:,} jobs: {ours.description}", "-", rate_cell(ours), "-", "-")
                 )
+        # Where the time goes: each side's own CPU and its PostgreSQL backends' per job.
+        for config in configs:
+            cpu = config.cpu_us(sizes.jobs)
+            if cpu is None:
+                continue
+            client, server = cpu
+            table.append(
+                (
+                    f"CPU per job (best round): {config.label}",
+                    f"client {client:.1f} us",
+                    "PostgreSQL " + ("n/a" if server is None else f"{server:.1f} us"),
+                    "",
+                    "(information)",
+                )
+            )
 
     finally:
         for process in processes:

@@ -94,6 +94,9 @@ def check_raw_jobs(jobs: object) -> list[RawJobSpec]:
     if isinstance(jobs, (str, bytes, Mapping, RawJobSpec)) or not isinstance(jobs, Iterable):
         raise InvalidArgumentType(f"add_raw_jobs takes a list of RawJobSpec, not {kind(jobs)}")
     listed = list(jobs)
+    # Batches repeat one identifier and spec object: each is checked once.
+    identifier: object = None
+    spec: object = None
     for job in listed:
         if not isinstance(job, RawJobSpec):
             raise InvalidArgumentType(
@@ -101,8 +104,10 @@ def check_raw_jobs(jobs: object) -> list[RawJobSpec]:
                 "RawJobSpec(identifier, payload, JobSpec(...)); for typed tasks use "
                 "add_jobs([(task, spec), ...])"
             )
-        check_identifier(job.identifier, "RawJobSpec")
-        check_spec(job.spec, "RawJobSpec")
+        if job.identifier is not identifier:
+            identifier = check_identifier(job.identifier, "RawJobSpec")
+        if job.spec is not spec:
+            spec = check_spec(job.spec, "RawJobSpec")
     return listed
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy.engine import Result
 
@@ -20,17 +20,23 @@ from .codec import encode_json_value
 from .job import Job
 from .specs import JobSpec, RawJobSpec
 
+if TYPE_CHECKING:
+    from ._drive import Request
+    from .sql import AddingStatements
+
 __all__ = [
     "NameCache",
     "Targets",
     "dict_rows",
     "flags_json",
     "in_input_order",
+    "insert_request",
     "inserted_job",
     "one_row",
     "options_json",
     "pairs",
     "plain_options",
+    "single_hint",
     "spec_params",
     "spec_tail",
 ]
@@ -90,6 +96,45 @@ class Targets(NamedTuple):
     ids: list[tuple[int, int | None]]  # per number, the cached task and queue ids
     described: str  # the pairs with their names, as JSON, for the insert's check
     options: str  # per job, its pair's number and options, as a JSON array
+    uniform: RawJobSpec | None  # the first job, when all share one pair and one set of options
+
+
+def insert_request(
+    sql: AddingStatements, targets: Targets, document: str, counted: bool
+) -> Request:
+    """The fast path's statement for a batch and its parameters.
+
+    A batch whose jobs share one target and one set of options sends them as plain
+    parameters, and only the payloads as an array.
+    """
+    like = targets.uniform
+    params: dict[str, Any]
+    if like is None:
+        params = {"targets": targets.described, "payloads": document, "jobs": targets.options}
+        return (sql.insert_jobs_counted if counted else sql.insert_jobs), params
+    spec = like.spec
+    task_id, queue_id = targets.ids[0]
+    params = {
+        "task_id": task_id,
+        "identifier": like.identifier,
+        "queue_id": queue_id,
+        "queue_name": spec.queue_name,
+        "priority": spec.priority,
+        "run_at": spec.run_at,
+        "max_attempts": spec.max_attempts,
+        "flags": flags_json(spec.flags),
+        "payloads": document,
+    }
+    return (sql.insert_uniform_jobs_counted if counted else sql.insert_uniform_jobs), params
+
+
+def single_hint(rows: Sequence[Mapping[Any, Any]], key: str, names: set[Any]) -> dict[int, str]:
+    """When every row came from specs naming one value, its id maps to that value."""
+    values = {name for name in names if name is not None}
+    ids = {row[key] for row in rows if row[key] is not None}
+    if len(values) == 1 and len(ids) == 1:
+        return {ids.pop(): values.pop()}
+    return {}
 
 
 def plain_options(spec: JobSpec) -> bool:

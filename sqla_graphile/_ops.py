@@ -30,11 +30,13 @@ from ._jobdata import (
     dict_rows,
     flags_json,
     in_input_order,
+    insert_request,
     inserted_job,
     one_row,
     options_json,
     pairs,
     plain_options,
+    single_hint,
     spec_params,
     spec_tail,
 )
@@ -141,17 +143,6 @@ class Operations:
             )
             for row in rows
         ]
-
-    @staticmethod
-    def _single_hint(
-        rows: Sequence[Mapping[Any, Any]], key: str, names: set[Any]
-    ) -> dict[int, str]:
-        """When every row came from specs naming one value, its id maps to that value."""
-        values = {name for name in names if name is not None}
-        ids = {row[key] for row in rows if row[key] is not None}
-        if len(values) == 1 and len(ids) == 1:
-            return {ids.pop(): values.pop()}
-        return {}
 
     def _known_ids(self, identifier: str, spec: JobSpec) -> tuple[int, int | None] | None:
         """The cached task and queue ids of an unkeyed job the fast path can insert.
@@ -280,8 +271,22 @@ class Operations:
         return jobs[0]
 
     def add_jobs(self, jobs: Sequence[RawJobSpec]) -> Op[list[Job]]:
+        added = yield from self._add_jobs(jobs, counted=False)
+        assert isinstance(added, list)
+        return added
+
+    def add_jobs_counted(self, jobs: Sequence[RawJobSpec]) -> Op[int]:
+        """:meth:`add_jobs` answering only how many jobs were added: no ``Job`` is built.
+
+        The jobs stored and notified are the same; the fast path's statement returns
+        a count instead of the new rows.
+        """
+        added = yield from self._add_jobs(jobs, counted=True)
+        return added if isinstance(added, int) else len(added)
+
+    def _add_jobs(self, jobs: Sequence[RawJobSpec], counted: bool) -> Op[list[Job] | int]:
         if not jobs:
-            return []
+            return 0 if counted else []
         modes = {
             mode.value if isinstance(mode, JobKeyMode) else mode
             for mode in {job.spec.job_key_mode for job in jobs}
@@ -300,10 +305,14 @@ class Operations:
         else:
             values = to_json_values([job.payload for job in jobs])
         targets = self._targets(jobs)
+        added: list[Job] | int
         if targets is not None:
             # All the payloads as one JSON array, encoded (or joined) in one go.
             document = "[" + ",".join(texts) + "]" if texts else encode_json_values(values)
-            added = yield from self._insert_many(jobs, document, targets)
+            if counted:
+                added = yield from self._insert_many_counted(jobs, document, targets)
+            else:
+                added = yield from self._insert_many(jobs, document, targets)
         else:
             if texts is None:
                 texts = [encode_json_value(value) for value in values]
@@ -328,7 +337,8 @@ class Operations:
         last_identifier: str | None = None
         last_spec: JobSpec | None = None
         number = 0
-        element = ""
+        element = first = ""
+        uniform = True
         for job in jobs:
             identifier, spec = job.identifier, job.spec
             if spec is not last_spec or identifier != last_identifier:
@@ -343,10 +353,18 @@ class Operations:
                     described.append({"k": found, "t": ids[0], "q": ids[1], **names})
                 number = found
                 element = f'{{"k":{number}{options_json(spec)}}}'
+                first = first or element
+                uniform = uniform and element == first
                 last_identifier, last_spec = identifier, spec
             numbers.append(number)
             elements.append(element)
-        return Targets(numbers, targets, json.dumps(described), "[" + ",".join(elements) + "]")
+        return Targets(
+            numbers,
+            targets,
+            json.dumps(described),
+            "[" + ",".join(elements) + "]",
+            jobs[0] if uniform else None,
+        )
 
     def _insert_many(
         self, jobs: Sequence[RawJobSpec], document: str, targets: Targets
@@ -356,10 +374,7 @@ class Operations:
         ``document`` is the JSON array of the jobs' payloads.
         """
         numbers = targets.numbers
-        result = yield (
-            self.adding_sql.insert_jobs,
-            {"targets": targets.described, "payloads": document, "jobs": targets.options},
-        )
+        result = yield insert_request(self.adding_sql, targets, document, counted=False)
         # No row at all when nothing was inserted.
         row: Sequence[Any] = result.first() or ([], [], None, [], [])
         ids, run_ats, created_at, task_ids, queue_ids = row[:5]
@@ -409,6 +424,28 @@ class Operations:
         for i, again_job in zip(missing, again, strict=True):
             added[i] = again_job
         return added  # type: ignore[return-value]
+
+    def _insert_many_counted(
+        self, jobs: Sequence[RawJobSpec], document: str, targets: Targets
+    ) -> Op[int]:
+        """:meth:`_insert_many` answering only how many jobs were added."""
+        result = yield insert_request(self.adding_sql, targets, document, counted=True)
+        # No row at all when nothing was inserted.
+        row: Sequence[Any] = result.first() or (0, [])
+        count: int = row[0]
+        if count == len(jobs):
+            return count
+        # Jobs of a task or queue whose row is gone were left out, all of them; they go
+        # through the SQL function, which creates the rows anew.
+        passed = set(row[1] or ())
+        missing = [i for i, number in enumerate(targets.numbers) if number not in passed]
+        for i in missing:
+            self.names.forget(jobs[i].identifier, jobs[i].spec.queue_name)
+        payloads: list[Any] = json.loads(document)
+        again = yield from self._add_jobs_sql(
+            [jobs[i] for i in missing], [encode_json_value(payloads[i]) for i in missing], False
+        )
+        return count + len(again)
 
     def _add_jobs_sql(
         self, prepared: Sequence[RawJobSpec], texts: Sequence[str], preserve: bool
@@ -462,10 +499,8 @@ class Operations:
         stored = [row["payload"] for row in rows]
         for row in rows:
             row["payload"] = json.loads(row["payload"])
-        task_hint = self._single_hint(rows, "task_id", {job.identifier for job in prepared})
-        queue_hint = self._single_hint(
-            rows, "job_queue_id", {job.spec.queue_name for job in prepared}
-        )
+        task_hint = single_hint(rows, "task_id", {job.identifier for job in prepared})
+        queue_hint = single_hint(rows, "job_queue_id", {job.spec.queue_name for job in prepared})
         added = yield from self._jobs(rows, task_hint, queue_hint)
         return in_input_order(prepared, texts, added, stored)
 

@@ -299,7 +299,8 @@ class JobAddContext:
     """What a ``job_add_context`` hook sees: one call adding jobs.
 
     ``operation`` is the method called (``"add_job"``, ``"add_raw_job"``, ``"add_jobs"``,
-    ``"add_raw_jobs"`` or ``"add_batch_job"``). ``jobs`` is empty while the call runs and
+    ``"add_raw_jobs"``, ``"bulk_add_jobs"``, ``"bulk_add_raw_jobs"`` or
+    ``"add_batch_job"``). ``jobs`` is empty while the call runs and
     holds the jobs added once it has succeeded, before the context manager is exited.
     """
 

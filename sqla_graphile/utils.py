@@ -16,8 +16,9 @@ executing it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+import copy
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from ._admin import get_job_op, list_jobs_op, lock_holders_op, stats_op
 from ._checks import check_raw_jobs, check_spec, typed_identifier
-from ._drive import Op, drive, drive_async, first_request
+from ._drive import Op, Request, drive, first_request
 from ._ops import NameCache, Operations
 from ._urls import async_engine_from_url, engine_from_url
 from .admin import JobState, LockHolder, WorkerStats
@@ -69,6 +70,21 @@ def _typed_jobs(jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> list[RawJ
         typed_identifier(instance, "add_jobs")
         checked.append((instance, check_spec(spec, "add_jobs")))
     return typed_jobs(checked)
+
+
+def _drive_on(bind: Connection | Session, op: Op[_T], request: Request) -> _T:
+    """:func:`drive` on a sync ``Connection`` or ``Session``, e.g. inside ``run_sync``.
+
+    A Session emits its SAVEPOINT lazily, on the first connection asked for inside
+    ``begin_nested()``: the connection is fetched here, within it.
+    """
+    return drive(bind.connection() if isinstance(bind, Session) else bind, op, request)
+
+
+async def _run_sync(bind: AsyncConnection | AsyncSession, op: Op[_T], request: Request) -> _T:
+    if isinstance(bind, AsyncSession):
+        return await bind.run_sync(_drive_on, op, request)
+    return await bind.run_sync(_drive_on, op, request)
 
 
 def _options(options: RescheduleJobOptions | None) -> RescheduleJobOptions:
@@ -115,14 +131,22 @@ class _UtilsBase(Generic[_Bind]):
 
     def using(self: _U, bind: _Bind, *, savepoint: bool | None = None) -> _U:
         """The same utils (schema, hooks, caches) bound to ``bind``, e.g. a request's session."""
-        return type(self)(
-            bind,
-            self.schema,
-            hooks=self.hooks,
-            savepoint=self.savepoint if savepoint is None else savepoint,
-            known_identifiers=self.known_identifiers,
-            _names=self._names,
-        )
+        if not isinstance(bind, self._BIND_TYPES):  # a URL, or misuse: as the constructor
+            return type(self)(
+                bind,
+                self.schema,
+                hooks=self.hooks,
+                savepoint=self.savepoint if savepoint is None else savepoint,
+                known_identifiers=self.known_identifiers,
+                _names=self._names,
+            )
+        # Called per request or per transaction: a shallow copy shares the operations.
+        bound = copy.copy(self)
+        bound.bind = bind
+        bound._owned_engine = None
+        if savepoint is not None:
+            bound.savepoint = savepoint
+        return bound
 
     def _add_context(self, operation: str | None) -> JobAddContext | None:
         """The context of an add call when ``job_add_context`` hooks are registered."""
@@ -235,6 +259,27 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
     def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """Enqueue jobs of any identifiers in one statement."""
         return self._run(self.ops.add_jobs(check_raw_jobs(jobs)), "add_raw_jobs")
+
+    def bulk_add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> int:
+        """:meth:`add_jobs`, returning how many jobs were added instead of the jobs.
+
+        The jobs stored, the notification and the hooks are those of :meth:`add_jobs`;
+        no ``Job`` is built, which makes large batches cheaper. With ``job_add_context``
+        hooks registered the jobs are built for them.
+        """
+        return self._bulk(_typed_jobs(jobs), "bulk_add_jobs")
+
+    def bulk_add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> int:
+        """:meth:`add_raw_jobs`, returning how many jobs were added instead of the jobs.
+
+        See :meth:`bulk_add_jobs`.
+        """
+        return self._bulk(check_raw_jobs(jobs), "bulk_add_raw_jobs")
+
+    def _bulk(self, jobs: list[RawJobSpec], operation: str) -> int:
+        if self._add_context(operation) is not None:
+            return len(self._run(self.ops.add_jobs(jobs), operation))
+        return self._run(self.ops.add_jobs_counted(jobs))
 
     def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """Enqueue one job whose payload is the JSON array of ``items`` (a batch task's).
@@ -361,19 +406,20 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection]:
+    async def _drive(self, op: Op[_T], request: Request) -> _T:
+        """Run ``op`` on the bind, in one hop into SQLAlchemy's greenlet (``run_sync``).
+
+        One hop for the whole operation, not one per statement (and one more for the
+        session's connection): each costs a greenlet switch and event-loop work.
+        """
         bind = self.bind
         if isinstance(bind, AsyncEngine):
             async with bind.begin() as connection:
-                yield connection
-            return
+                return await connection.run_sync(_drive_on, op, request)
         if self.savepoint:
             async with bind.begin_nested():
-                # Fetched inside begin_nested(), as for the sync Session: see there.
-                yield await bind.connection() if isinstance(bind, AsyncSession) else bind
-        else:
-            yield await bind.connection() if isinstance(bind, AsyncSession) else bind
+                return await _run_sync(bind, op, request)
+        return await _run_sync(bind, op, request)
 
     async def _run(self, op: Op[_T], adding: str | None = None) -> _T:
         ctx = self._add_context(adding)
@@ -387,8 +433,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
         if request is None:
             return value  # type: ignore[return-value]
         with self._translated():
-            async with self._connection() as connection:
-                return await drive_async(connection, op, request)
+            return await self._drive(op, request)
 
     async def add_job(self, task: TaskHandler, spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_job`."""
@@ -409,6 +454,19 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
     async def add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> list[Job]:
         """See :meth:`WorkerUtils.add_raw_jobs`."""
         return await self._run(self.ops.add_jobs(check_raw_jobs(jobs)), "add_raw_jobs")
+
+    async def bulk_add_jobs(self, jobs: Iterable[tuple[TaskHandler, JobSpec | None]]) -> int:
+        """See :meth:`WorkerUtils.bulk_add_jobs`."""
+        return await self._bulk(_typed_jobs(jobs), "bulk_add_jobs")
+
+    async def bulk_add_raw_jobs(self, jobs: Iterable[RawJobSpec]) -> int:
+        """See :meth:`WorkerUtils.bulk_add_raw_jobs`."""
+        return await self._bulk(check_raw_jobs(jobs), "bulk_add_raw_jobs")
+
+    async def _bulk(self, jobs: list[RawJobSpec], operation: str) -> int:
+        if self._add_context(operation) is not None:
+            return len(await self._run(self.ops.add_jobs(jobs), operation))
+        return await self._run(self.ops.add_jobs_counted(jobs))
 
     async def add_batch_job(self, items: list[Any], spec: JobSpec | None = None) -> Job:
         """See :meth:`WorkerUtils.add_batch_job`."""

@@ -31,6 +31,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    true,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
@@ -79,6 +80,9 @@ class AddingStatements:
         self.insert_job = _insert_one(schema, queued=False)
         self.insert_queued_job = _insert_one(schema, queued=True)
         self.insert_jobs = _insert_many(schema)
+        self.insert_jobs_counted = _insert_many(schema, counted=True)
+        self.insert_uniform_jobs = _insert_uniform(schema)
+        self.insert_uniform_jobs_counted = _insert_uniform(schema, counted=True)
         self.analyze: TextClause = literal_sql(f"analyze {schema.quoted_name}._private_jobs")
         self.register_tasks = _register_tasks(schema)
         # Ids by identifier (the worker's cache, as Node's) and names by id (rows read
@@ -155,7 +159,7 @@ def _insert_one(schema: WorkerSchema, *, queued: bool) -> Select[Any]:
     ).select_from(added)
 
 
-def _insert_many(schema: WorkerSchema) -> Select[Any]:
+def _insert_many(schema: WorkerSchema, *, counted: bool = False) -> Select[Any]:
     """Insert many unkeyed jobs as ``add_jobs`` would, given their task and queue ids.
 
     ``targets`` is a JSON array of ``{k, t, i, q, qn}``: a number, a task id and its
@@ -165,9 +169,10 @@ def _insert_many(schema: WorkerSchema) -> Select[Any]:
     two are matched by position. Each target is checked once against its rows; jobs of
     a target that fails the check are not inserted. Rows are inserted in position order,
     so ids ascend with the positions. Returns one row: the ids, run_ats, created_at, task
-    ids and queue ids, the arrays in id order.
+    ids and queue ids, the arrays in id order; ``counted``, only how many jobs were
+    inserted and the numbers of the targets that passed the check (nothing per job).
     """
-    jobs, tasks, queues = schema.private_jobs, schema.private_tasks, schema.private_job_queues
+    tasks, queues = schema.private_tasks, schema.private_job_queues
     targets = (
         func.json_to_recordset(cast(bindparam("targets", type_=Text), postgresql.JSON))
         .table_valued(
@@ -223,16 +228,87 @@ def _insert_many(schema: WorkerSchema) -> Select[Any]:
         )
         .order_by(spec.c.o)
     )
+    return _inserted(schema, values, counted, select(func.array_agg(guarded.c.k)))
+
+
+def _insert_uniform(schema: WorkerSchema, *, counted: bool = False) -> Select[Any]:
+    """:func:`_insert_many` for jobs that share one target and one set of options.
+
+    The common bulk add: the target and options are plain parameters (as for
+    :func:`_insert_one`), so only the payloads travel as a JSON array and no per-job
+    options are read or joined. Returns what :func:`_insert_many` returns, the target
+    numbered 0.
+    """
+    tasks, queues = schema.private_tasks, schema.private_job_queues
+    queue_id = bindparam("queue_id", type_=Integer)
+    guarded = (
+        select(tasks.c.id.label("task_id"), queues.c.id.label("queue_id"))
+        .select_from(
+            tasks.outerjoin(
+                queues,
+                and_(
+                    queues.c.id == queue_id,
+                    queues.c.queue_name == bindparam("queue_name", type_=Text),
+                ),
+            )
+        )
+        .where(
+            tasks.c.id == bindparam("task_id", type_=Integer),
+            tasks.c.identifier == bindparam("identifier", type_=Text),
+            or_(queue_id.is_(None), queues.c.id.is_not(None)),
+        )
+        .cte("guarded")
+        .prefix_with("MATERIALIZED")
+    )
+    payload = (
+        func.json_array_elements(cast(bindparam("payloads", type_=Text), postgresql.JSON))
+        .table_valued(column("value", postgresql.JSON), with_ordinality="o")
+        .render_derived(name="payload")
+    )
+    values = (
+        select(
+            guarded.c.queue_id,
+            guarded.c.task_id,
+            payload.c.value,
+            func.coalesce(cast(bindparam("priority", type_=Integer), SmallInteger), 0),
+            func.coalesce(bindparam("run_at", type_=TIMESTAMPTZ), func.now()),
+            func.coalesce(cast(bindparam("max_attempts", type_=Integer), SmallInteger), 25),
+            cast(bindparam("flags", type_=Text), postgresql.JSONB),
+        )
+        .select_from(payload.join(guarded, true()))
+        .order_by(payload.c.o)
+    )
+    passed = select(func.array_agg(literal(0, Integer))).select_from(guarded)
+    return _inserted(schema, values, counted, passed)
+
+
+def _inserted(
+    schema: WorkerSchema, values: Select[Any], counted: bool, passed: Select[Any]
+) -> Select[Any]:
+    """Insert the rows of ``values`` and answer with one row, notifying as ``add_jobs``.
+
+    The row holds the ids, run_ats, created_at, task ids and queue ids of the jobs
+    inserted, the arrays in id order; or, ``counted``, only how many were inserted and
+    the numbers of the targets that passed the check (``passed``). No row at all when
+    nothing was inserted, and then no notification.
+    """
+    jobs = schema.private_jobs
+    count = func.count()
+    if counted:
+        inserted = insert(jobs).from_select(_JOB_COLUMNS, values).returning(jobs.c.id).cte("added")
+        return (
+            select(count, passed.scalar_subquery(), jobs_inserted(count))
+            .select_from(inserted)
+            .having(count > 0)
+        )
     added = (
         insert(jobs)
         .from_select(_JOB_COLUMNS, values)
         .returning(jobs.c.id, jobs.c.run_at, jobs.c.created_at, jobs.c.task_id, jobs.c.job_queue_id)
         .cte("added")
     )
-    # One row of arrays in id order (no row when nothing was inserted, and then no
-    # notification): far fewer objects for the driver and the caller to build.
-    count = func.count()
 
+    # Far fewer objects for the driver and the caller to build than a row per job.
     def in_id_order(col: Any) -> Any:
         return func.array_agg(aggregate_order_by(col, added.c.id), type_=ARRAY(col.type))
 

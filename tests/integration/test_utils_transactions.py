@@ -32,7 +32,7 @@ from sqla_graphile import (
     RawJobSpec,
     WorkerUtils,
 )
-from sqla_graphile.errors import sqlstate_of
+from sqla_graphile.errors import InvalidArgumentType, sqlstate_of
 
 BAD_MODE = JobSpec(job_key="k", job_key_mode="bogus")
 
@@ -223,6 +223,23 @@ def test_using_binds_a_long_lived_utils_to_a_requests_session(
     assert _counts(listener.drain()) == [1]
     # The long-lived utils itself is still bound to the engine.
     assert app_utils.bind is engine
+
+
+def test_using_copies_the_settings_and_leaves_the_original_alone(
+    engine: Engine, schema: str
+) -> None:
+    utils = WorkerUtils(engine, schema, savepoint=True, known_identifiers=["kept"])
+    with Session(engine) as session, session.begin():
+        bound = utils.using(session, savepoint=False)
+        assert (bound.bind, bound.savepoint, bound.ops) == (session, False, utils.ops)
+        assert bound.known_identifiers == {"kept"} and bound.schema == schema
+        assert utils.using(session).savepoint is True
+        bound.add_raw_job("shared", {})
+    assert (utils.bind, utils.savepoint) == (engine, True)
+    # What the bound copy learnt serves the original: its next add is the direct insert.
+    assert utils.ops.names.task_ids.keys() == {"shared"}
+    with pytest.raises(InvalidArgumentType, match="needs one of Engine, Connection, Session"):
+        utils.using(object())  # type: ignore[arg-type]
 
 
 def test_each_call_on_an_engine_is_its_own_transaction(
