@@ -7,6 +7,7 @@ driven by either utils twin; their statements are in :mod:`sqla_graphile.sql.adm
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from ._drive import Op
@@ -24,8 +25,20 @@ __all__ = [
     "get_job_op",
     "list_jobs_op",
     "lock_holders_op",
+    "state_of",
     "stats_op",
 ]
+
+
+def state_of(
+    locked_at: datetime | None, attempts: int, max_attempts: int, run_at: datetime, now: datetime
+) -> JobState:
+    """A job's state as :class:`~sqla_graphile.admin.JobState` names it (rows or ``Job``)."""
+    if locked_at is not None:
+        return JobState.LOCKED
+    if attempts >= max_attempts:
+        return JobState.FAILED
+    return JobState.READY if run_at <= now else JobState.SCHEDULED
 
 
 def _job(row: Mapping[Any, Any]) -> Job:

@@ -12,12 +12,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, TypeAlias
 
-from opentelemetry.metrics import (
-    CallbackOptions,
-    Meter,
-    MeterProvider,
-    Observation,
-)
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 
 from ._version import __version__
 
@@ -68,7 +63,13 @@ _Attributes: TypeAlias = dict[str, Any]
 
 # Each counter's place in a tally (a list of counts, one per task and queue).
 _PLACES = {name: place for place, name in enumerate(_COUNTERS)}
-ADDED, STARTED, COMPLETED, FAILED, RETRIED, PERMANENTLY_FAILED, LOCK_LOST = range(len(_COUNTERS))
+ADDED = _PLACES["added"]
+STARTED = _PLACES["started"]
+COMPLETED = _PLACES["completed"]
+FAILED = _PLACES["failed"]
+RETRIED = _PLACES["retried"]
+PERMANENTLY_FAILED = _PLACES["permanently_failed"]
+LOCK_LOST = _PLACES["lock_lost"]
 
 
 class _JobMetrics:

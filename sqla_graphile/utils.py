@@ -82,8 +82,6 @@ def _drive_on(bind: Connection | Session, op: Op[_T], request: Request) -> _T:
 
 
 async def _run_sync(bind: AsyncConnection | AsyncSession, op: Op[_T], request: Request) -> _T:
-    if isinstance(bind, AsyncSession):
-        return await bind.run_sync(_drive_on, op, request)
     return await bind.run_sync(_drive_on, op, request)
 
 
@@ -148,9 +146,13 @@ class _UtilsBase(Generic[_Bind]):
             bound.savepoint = savepoint
         return bound
 
+    def _wraps_adds(self) -> bool:
+        """Whether ``job_add_context`` hooks wrap add calls (they are given the jobs)."""
+        return self.hooks is not None and bool(self.hooks.job_add_context_hooks)
+
     def _add_context(self, operation: str | None) -> JobAddContext | None:
         """The context of an add call when ``job_add_context`` hooks are registered."""
-        if operation is None or self.hooks is None or not self.hooks.job_add_context_hooks:
+        if operation is None or not self._wraps_adds():
             return None
         return JobAddContext(operation, self.schema)
 
@@ -277,7 +279,7 @@ class WorkerUtils(_UtilsBase[Engine | Connection | Session]):
         return self._bulk(check_raw_jobs(jobs), "bulk_add_raw_jobs")
 
     def _bulk(self, jobs: list[RawJobSpec], operation: str) -> int:
-        if self._add_context(operation) is not None:
+        if self._wraps_adds():
             return len(self._run(self.ops.add_jobs(jobs), operation))
         return self._run(self.ops.add_jobs_counted(jobs))
 
@@ -464,7 +466,7 @@ class AsyncWorkerUtils(_UtilsBase[AsyncEngine | AsyncConnection | AsyncSession])
         return await self._bulk(check_raw_jobs(jobs), "bulk_add_raw_jobs")
 
     async def _bulk(self, jobs: list[RawJobSpec], operation: str) -> int:
-        if self._add_context(operation) is not None:
+        if self._wraps_adds():
             return len(await self._run(self.ops.add_jobs(jobs), operation))
         return await self._run(self.ops.add_jobs_counted(jobs))
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 from sqlalchemy import Connection, func, select
 
-from .._admin import JobState
+from .._admin import JobState, state_of
 from .._format import table, to_jsonable, when
 from ..functions import worker_functions
 from ..job import Job
@@ -29,11 +29,8 @@ __all__ = ["add", "complete", "fail", "list_", "remove", "reschedule", "show"]
 
 
 def _job_state(job: Job) -> str:
-    if job.locked_at is not None:
-        return "locked"
-    if job.attempts >= job.max_attempts:
-        return "failed"
-    return "ready" if job.run_at <= datetime.now(timezone.utc) else "scheduled"
+    now = datetime.now(timezone.utc)
+    return state_of(job.locked_at, job.attempts, job.max_attempts, job.run_at, now).value
 
 
 def _jobs_table(jobs: Sequence[Job]) -> str:

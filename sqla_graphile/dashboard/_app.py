@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, Router
 
+from .._admin import state_of
 from .._format import age, when
 from .._urls import async_engine_from_url
 from ..admin import JobState
@@ -31,7 +32,7 @@ from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
 from ..utils import AsyncWorkerUtils
 from ._actions import ACTIONS, ActionError
-from ._data import Database, JobFilter, Throughput, state_of
+from ._data import Database, JobFilter, Throughput
 from ._security import (
     CSRF_FIELD,
     SECURITY_HEADERS,

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._admin import get_job_op, lock_holders_op
+from .._admin import get_job_op, lock_holders_op, state_of
 from .._drive import Op, drive_async
 from .._queue_metrics import QueueSample, read_queue_samples
 from ..admin import JobState, LockHolder, QueueStats, WorkerStats
@@ -41,24 +41,12 @@ __all__ = [
     "Throughput",
     "Workers",
     "jobs_page_op",
-    "state_of",
 ]
 
 #: A cursor above every job id: the first page.
 _TOP = 2**63 - 1
 #: Named queues the overview lists at most.
 MAX_QUEUES = 500
-
-
-def state_of(
-    locked_at: datetime | None, attempts: int, max_attempts: int, run_at: datetime, now: datetime
-) -> JobState:
-    """A job's state as :class:`~sqla_graphile.admin.JobState` names it."""
-    if locked_at is not None:
-        return JobState.LOCKED
-    if attempts >= max_attempts:
-        return JobState.FAILED
-    return JobState.READY if run_at <= now else JobState.SCHEDULED
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,19 @@ from ..functions import WorkerFunctions
 from ..schema import WorkerSchema
 from .common import IDEMPOTENT_OPTION, TIMESTAMPTZ, job_rows
 
-__all__ = ["AdminStatements"]
+__all__ = ["AdminStatements", "state_conditions"]
+
+
+def state_conditions(jobs: Any) -> dict[JobState, ColumnElement[bool]]:
+    """The condition of each state but ALL, on the jobs table or a select of its columns."""
+    available = and_(jobs.c.locked_at.is_(None), jobs.c.attempts < jobs.c.max_attempts)
+    now = func.now()
+    return {
+        JobState.READY: and_(available, jobs.c.run_at <= now),
+        JobState.SCHEDULED: and_(available, jobs.c.run_at > now),
+        JobState.LOCKED: jobs.c.locked_at.is_not(None),
+        JobState.FAILED: and_(jobs.c.locked_at.is_(None), jobs.c.attempts >= jobs.c.max_attempts),
+    }
 
 
 class AdminStatements:
@@ -83,16 +95,7 @@ class AdminStatements:
         queues, workers = schema.private_job_queues, schema.worker_registry
         now = func.now()
         self._jobs, self._tasks, self._queues = jobs, tasks, queues
-        available = and_(jobs.c.locked_at.is_(None), jobs.c.attempts < jobs.c.max_attempts)
-        # The condition of each state but ALL.
-        self._states: dict[JobState, ColumnElement[bool]] = {
-            JobState.READY: and_(available, jobs.c.run_at <= now),
-            JobState.SCHEDULED: and_(available, jobs.c.run_at > now),
-            JobState.LOCKED: jobs.c.locked_at.is_not(None),
-            JobState.FAILED: and_(
-                jobs.c.locked_at.is_(None), jobs.c.attempts >= jobs.c.max_attempts
-            ),
-        }
+        self._states = state_conditions(jobs)
         # Every column of the job, with its task's identifier and its queue's name.
         self._base: Select[Any] = (
             select(

@@ -20,7 +20,6 @@ from sqlalchemy import (
     Integer,
     Select,
     Text,
-    and_,
     bindparam,
     func,
     select,
@@ -28,6 +27,7 @@ from sqlalchemy import (
 
 from ..admin import JobState
 from ..schema import WorkerSchema
+from .admin import state_conditions
 from .common import IDEMPOTENT_OPTION
 
 __all__ = ["ERROR_PREVIEW", "DashboardStatements"]
@@ -70,16 +70,6 @@ class DashboardStatements:
             .order_by(queues.c.queue_name)
             .limit(bindparam("limit", type_=Integer))
         )
-
-    def _state(self, state: JobState, row: Any) -> ColumnElement[bool] | None:
-        now = func.now()
-        available = and_(row.c.locked_at.is_(None), row.c.attempts < row.c.max_attempts)
-        return {
-            JobState.READY: and_(available, row.c.run_at <= now),
-            JobState.SCHEDULED: and_(available, row.c.run_at > now),
-            JobState.LOCKED: row.c.locked_at.is_not(None),
-            JobState.FAILED: and_(row.c.locked_at.is_(None), row.c.attempts >= row.c.max_attempts),
-        }.get(state)
 
     @functools.cache  # noqa: B019 - one per schema, 80 variants at most
     def jobs_page(
@@ -126,7 +116,7 @@ class DashboardStatements:
                 .subquery("window")
             )
         conditions: list[ColumnElement[bool]] = []
-        condition = self._state(state, source)
+        condition = state_conditions(source).get(state)
         if condition is not None:
             conditions.append(condition)
         if by_task:

@@ -6,9 +6,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from sqla_graphile._admin import state_of
 from sqla_graphile.admin import JobState
 from sqla_graphile.dashboard import JobFilter, Throughput
-from sqla_graphile.dashboard._data import state_of
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
