@@ -27,7 +27,7 @@ from .._format import age, when
 from .._urls import async_engine_from_url
 from ..admin import JobState
 from ..cron import Cron, CrontabSource, load_crontab
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, sqlstate_of
 from ..recovery import WorkerRecoveryConfig
 from ..schema import DEFAULT_SCHEMA, validate_schema_name
 from ..utils import AsyncWorkerUtils
@@ -167,8 +167,7 @@ class _Dashboard:
             except HTTPException as exc:
                 return self.error(request, exc.status_code, str(exc.detail))
             except DBAPIError as exc:
-                cause = getattr(exc.orig, "sqlstate", None)
-                if cause == "57014":  # query_canceled: the statement timeout
+                if sqlstate_of(exc) == "57014":  # query_canceled: the statement timeout
                     return self.error(request, 503, "The query took longer than allowed.")
                 logger.exception("dashboard query failed")
                 return self.error(request, 503, "The database could not answer.")
