@@ -13,14 +13,19 @@ controls are thread-safe:
 ``freeze()`` / ``thaw()``
     Existing flows go silent: nothing is forwarded either way, no FIN or RST, the sockets
     stay open (a half-open link as the application sees it). New connections work.
-    ``thaw()`` resumes the frozen flows, delivering what was held back, as TCP would
-    after a transient outage.
+    ``thaw()`` resumes the frozen flows (``thaw(number)``: that flow alone), delivering
+    what was held back, as TCP would after a transient outage. ``release(number)``
+    delivers only what a frozen flow held from the server, and the flow stays frozen.
 ``swallow_replies(match, then_cut=True)``
     The next flow whose client sends bytes containing ``match`` (any bytes if ``None``)
     loses the server's reply to them: everything up to and including the server's next
     ``ReadyForQuery`` is dropped. With ``then_cut`` the flow is then cut, so the client
     sees an error for a statement the server did run (and, in autocommit, committed).
     One-shot: it fires once per call (see :attr:`PgProxy.swallowed`).
+``hold_replies(match)``
+    The next flow whose client sends bytes containing ``match`` is frozen as those bytes
+    pass: the server gets them and answers, the answer is held until ``thaw()``. The
+    flow's number is appended to :attr:`PgProxy.held_flows`.
 ``partition()`` / ``heal()``
     Existing flows are frozen and new connections are accepted but held (nothing is
     forwarded, not even the startup) until ``heal()``, which thaws the flows and
@@ -44,6 +49,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -53,6 +59,7 @@ __all__ = ["PgProxy", "pg_proxy_fixture"]
 _CHUNK = 65536
 _TICK = 0.05  # how often blocked pumps look at their flow's state
 _UP, _DOWN = 0, 1  # client -> server, server -> client
+_Action = Literal["swallow", "swallow_cut", "hold"]
 
 
 def _require_loopback(host: str) -> str:
@@ -162,7 +169,7 @@ class PgProxy:
         self._held_clients: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._partitioned = False
-        self._armed: list[tuple[bytes | None, bool]] = []
+        self._armed: list[tuple[bytes | None, _Action]] = []
         self._stopping = threading.Event()
         self.flows_opened = 0
         """Flows connected to the server so far."""
@@ -172,6 +179,8 @@ class PgProxy:
         """Bytes forwarded server -> client (swallowed bytes excluded)."""
         self.swallowed = 0
         """Replies swallowed so far."""
+        self.held_flows: list[int] = []
+        """Numbers of the flows frozen by :meth:`hold_replies`, in order."""
         self._accepter = self._spawn(self._accept_loop, "pg-proxy-accept")
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -228,9 +237,11 @@ class PgProxy:
                     count += 1
         return count
 
-    def thaw(self) -> None:
-        """Resume the frozen flows, delivering what they held back."""
+    def thaw(self, number: int | None = None) -> None:
+        """Resume the frozen flows (only flow ``number`` if given), delivering what they held."""
         for flow in self._snapshot():
+            if number is not None and flow.number != number:
+                continue
             with flow.lock:
                 if flow.frozen and not flow.closed:
                     flow.frozen = False
@@ -242,6 +253,20 @@ class PgProxy:
                         if eof and not flow.closed:
                             self._deliver(flow, direction, b"")
                     flow.lock.notify_all()
+
+    def release(self, number: int) -> None:
+        """Deliver what frozen flow ``number`` held from the server; it stays frozen.
+
+        The client gets the answer it waited for, and nothing it sends next gets through.
+        """
+        for flow in self._snapshot():
+            if flow.number != number:
+                continue
+            with flow.lock:
+                if flow.frozen and not flow.closed:
+                    data, flow.held[_DOWN] = bytes(flow.held[_DOWN]), bytearray()
+                    if data:
+                        self._deliver(flow, _DOWN, data)
 
     def partition(self) -> None:
         """Freeze every flow and hold every new connection until :meth:`heal`."""
@@ -264,7 +289,16 @@ class PgProxy:
         Calls queue up: each fires once, on the first matching bytes after it.
         """
         with self._lock:
-            self._armed.append((match, then_cut))
+            self._armed.append((match, "swallow_cut" if then_cut else "swallow"))
+
+    def hold_replies(self, match: bytes) -> None:
+        """Freeze the next flow whose client sends ``match``, once those bytes are sent.
+
+        The server runs the statement; its reply waits for :meth:`thaw`. One-shot, queued
+        with :meth:`swallow_replies` calls.
+        """
+        with self._lock:
+            self._armed.append((match, "hold"))
 
     # -- internals ----------------------------------------------------------------------
 
@@ -381,11 +415,16 @@ class PgProxy:
         window = flow.tail + data
         with self._lock:
             if not flow.swallowing and not flow.framing.opaque:
-                for index, (match, then_cut) in enumerate(self._armed):
+                for index, (match, action) in enumerate(self._armed):
                     if match is None or match in window:
                         del self._armed[index]
-                        flow.swallowing = True
-                        flow.cut_after_swallow = then_cut
+                        if action == "hold":
+                            # Set before the bytes go: they pass, what follows waits.
+                            flow.frozen = True
+                            self.held_flows.append(flow.number)
+                        else:
+                            flow.swallowing = True
+                            flow.cut_after_swallow = action == "swallow_cut"
                         break
             longest = max((len(m or b"") for m, _ in self._armed), default=1)
         flow.tail = window[-(longest - 1) :] if longest > 1 else b""

@@ -217,6 +217,11 @@ class Fetcher:
 
     def take(self, jobs: list[Job], *, idle: bool) -> None:
         """Start (or queue locally) jobs just fetched."""
+        if self.paused:
+            # Fenced while the fetch was out: given up like the local queue (still locked
+            # under our id, unknown), so :meth:`resume` reclaims them; a peer may recover
+            # them meanwhile, and then they must not start here.
+            return
         self.ttl_expired = False
         now = time.monotonic()
         local = self.local
@@ -288,7 +293,9 @@ class Fetcher:
                             job.task_identifier,
                             job.key,
                         )
-                    elif self.paused or self.stop.is_set():
+                    elif self.paused:
+                        pass  # given up like the local queue: reclaimed on resume
+                    elif self.stop.is_set():
                         self.local.appendleft((job, fetched))  # returned with the others
                     else:
                         self.executor.start(job, fetched)

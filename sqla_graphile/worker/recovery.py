@@ -22,7 +22,8 @@ that succeeded (the commit came after that), and when ``sweep_threshold -
 heartbeat_interval`` has passed without another success it calls ``on_fence(True)``:
 the worker stops starting jobs and gives up those it runs, at least
 ``heartbeat_interval`` (plus ``recovery_delay``) before a peer's copy could start. The
-next heartbeat that succeeds calls ``on_fence(False)``.
+next heartbeat sent after the fence began that succeeds calls ``on_fence(False)``; one
+sent before and answered late proves nothing about now, and the next goes at once.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class RecoveryAgent:
         self.lease = (config.sweep_threshold - config.heartbeat_interval).total_seconds()
         """Seconds after the last successful heartbeat was sent that the worker fences."""
         self.fenced = False
+        self._fenced_at = 0.0
+        """When the fence began: only a heartbeat sent after it lifts it."""
         self._on_fence = on_fence
         self._last_ok = time.monotonic()
         self._fence_timer: asyncio.TimerHandle | None = None
@@ -312,12 +315,19 @@ class RecoveryAgent:
         self._last_ok = sent
         if self._on_fence is None:
             return
+        if self.fenced and sent < self._fenced_at:
+            # Sent before the fence began, answered since (held up in the network): it
+            # says nothing of now. Lifted, the fence could drop again before the next
+            # heartbeat; the heartbeat loop sends that one at once instead.
+            return
+        remaining = sent + self.lease - time.monotonic()
+        if remaining <= 0:
+            self._lease_expired()  # answered after its own lease ran out
+            return
         if self._fence_timer is not None:
             self._fence_timer.cancel()
         loop = asyncio.get_running_loop()
-        self._fence_timer = loop.call_at(
-            loop.time() + (sent - time.monotonic()) + self.lease, self._lease_expired
-        )
+        self._fence_timer = loop.call_at(loop.time() + remaining, self._lease_expired)
         if self.fenced:
             self.fenced = False
             logger.warning("worker %s reached the database again: no longer fenced", self.worker_id)
@@ -328,6 +338,7 @@ class RecoveryAgent:
         if self.fenced or self._on_fence is None:
             return
         self.fenced = True
+        self._fenced_at = time.monotonic()
         logger.warning(
             "worker %s is fenced: no heartbeat succeeded for %.1f s, so a peer may soon "
             "judge it dead and recover its jobs; it starts nothing and gives up the jobs "
@@ -343,7 +354,10 @@ class RecoveryAgent:
         interval = self.config.heartbeat_interval.total_seconds()
         failures = 0
         while True:
-            await asyncio.sleep(interval if failures == 0 else _retry_delay(failures, interval))
+            if failures:
+                await asyncio.sleep(_retry_delay(failures, interval))
+            elif not self.fenced:  # a fenced worker's heartbeat goes at once: it lifts
+                await asyncio.sleep(interval)
             try:
                 await self.heartbeat()
             except Exception as exc:  # never fatal: the next try may well succeed

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,6 +35,7 @@ from sqla_graphile.hooks import (
     Hooks,
     JobEvent,
     JobLockLostEvent,
+    JobsFetchedEvent,
     WorkerFenceEvent,
     WorkerRecoveredEvent,
 )
@@ -419,6 +421,107 @@ async def test_partition_longer_than_the_threshold_fences_both_workers(
     ), "no warning says the worker fenced itself"
     assert overlapping_runs(run_log(engine, schema)) == []
     assert self_sweeps(recoveries) == []
+
+
+async def test_a_fetch_answered_while_fenced_leaves_no_job_stranded(
+    engine: Engine, schema: str, utils: WorkerUtils, pg_proxy: PgProxy
+) -> None:
+    """A fence begins while a fetch is out; the fetch's answer arrives while still fenced.
+
+    The jobs it locked are given up like the local queue and reclaimed when the fence
+    lifts, so they run soon after (once), not when the local queue's TTL expires.
+    """
+    runs: list[int] = []
+    fences: list[WorkerFenceEvent] = []
+    fetched: list[JobsFetchedEvent] = []
+    hooks = Hooks()
+    hooks.on("worker_fence")(fences.append)
+    hooks.on("jobs_fetched")(fetched.append)
+    job = utils.add_raw_job("net_fenced_fetch", {})
+    pg_proxy.hold_replies(fetch_mark(schema))
+    worker = Worker(
+        pg_proxy.url,
+        [recording_task("net_fenced_fetch", runs)],
+        schema=schema,
+        concurrency=1,  # with the job in hand, no fetch follows until it ends
+        poll_interval=POLL_INTERVAL,
+        shutdown_grace_period=GRACE,
+        recovery=RECOVERY,
+        hooks=hooks,
+    )
+    async with running(worker):
+        await await_for(lambda: pg_proxy.held_flows, WAIT, what="the fetch's reply held")
+        pg_proxy.partition()  # the heartbeats stop too
+        try:
+            await await_for(lambda: fences, WAIT, what="the worker fenced")
+            assert fences[0].fenced
+            pg_proxy.release(pg_proxy.held_flows[0])  # the answer arrives, still fenced
+            await await_for(lambda: fetched, WAIT, what="the held fetch answered")
+            await asyncio.sleep(POLL_INTERVAL)  # the fetcher takes the jobs meanwhile
+            assert len(fences) == 1, "the fence lifted before the fetch was answered"
+        finally:
+            pg_proxy.heal()
+        await await_for(lambda: runs, WAIT, what="the job run after the fence lifted")
+        await await_for(lambda: not rows(engine, schema), WAIT, what="its completion written")
+
+    assert [fetched_job.id for fetched_job in fetched[0].jobs] == [job.id]
+    assert runs == [job.id]
+    # Answers held up by the partition did not lift the fence only for it to drop again.
+    assert [event.fenced for event in fences] == [True, False]
+    assert locked_by(engine, schema, worker.worker_id) == []
+
+
+#: Heartbeats far apart next to the lease (3 s), so one held up answers well inside it.
+SPARSE_HEARTBEATS = WorkerRecoveryConfig(
+    enabled=True,
+    heartbeat_interval=timedelta(seconds=1),
+    sweep_interval=timedelta(seconds=1),
+    sweep_threshold=timedelta(seconds=4),
+    recovery_delay=timedelta(seconds=0.5),
+)
+
+
+@pytest.mark.parametrize("answered", ["inside its lease", "after its lease"])
+async def test_a_heartbeat_answered_late_does_not_lift_the_fence(
+    schema: str, pg_proxy: PgProxy, answered: str
+) -> None:
+    """A heartbeat held up in the network is answered after the worker fenced itself.
+
+    Sent before the fence began, it says nothing of now: lifted on it, the fence would
+    drop again before the next heartbeat, cancelling whatever started in between. The
+    fence lifts once, on a heartbeat sent after the network heals.
+    """
+    fences: list[WorkerFenceEvent] = []
+    hooks = Hooks()
+    hooks.on("worker_fence")(fences.append)
+    worker = Worker(
+        pg_proxy.url,
+        [recording_task("net_late_heartbeat", [])],
+        schema=schema,
+        poll_interval=POLL_INTERVAL,
+        shutdown_grace_period=GRACE,
+        recovery=SPARSE_HEARTBEATS,
+        hooks=hooks,
+    )
+    lease = (SPARSE_HEARTBEATS.sweep_threshold - SPARSE_HEARTBEATS.heartbeat_interval).seconds
+    async with running(worker):
+        pg_proxy.hold_replies(b"_sqla_graphile_workers")  # the registry: a heartbeat
+        await await_for(lambda: pg_proxy.held_flows, WAIT, what="a heartbeat's reply held")
+        held_at = time.monotonic()
+        pg_proxy.partition()  # nothing else renews the lease
+        try:
+            await await_for(lambda: fences, WAIT, what="the worker fenced")
+            if answered == "after its lease":
+                await asyncio.sleep(max(0.0, held_at + lease + 0.3 - time.monotonic()))
+            pg_proxy.release(pg_proxy.held_flows[0])  # that link stays cut off after
+            await asyncio.sleep(2 * SPARSE_HEARTBEATS.heartbeat_interval.total_seconds())
+            assert [event.fenced for event in fences] == [True], "the late answer lifted it"
+        finally:
+            pg_proxy.heal()
+        await await_for(lambda: len(fences) > 1, WAIT, what="the fence lifted")
+        await asyncio.sleep(SPARSE_HEARTBEATS.heartbeat_interval.total_seconds())
+
+    assert [event.fenced for event in fences] == [True, False]
 
 
 async def test_partitioned_worker_stops_its_job_before_a_peer_recovers_it(

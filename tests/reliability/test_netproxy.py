@@ -205,6 +205,48 @@ def test_swallow_only_matches_its_bytes_and_without_cut_leaves_the_client_waitin
         waiting.wait()
 
 
+def test_held_reply_waits_for_release_after_the_server_ran_it(
+    pg_proxy: PgProxy, connect: Callable[[], psycopg.Connection[Any]], engine: Engine
+) -> None:
+    """``hold_replies``: the matching statement runs; its reply and its flow wait.
+
+    ``release`` delivers the reply and keeps the flow frozen; thawing that flow alone
+    resumes it while other frozen flows stay silent.
+    """
+    execute(engine, "drop table if exists netproxy_hold")
+    execute(engine, "create table netproxy_hold (id int primary key, v int)")
+    try:
+        execute(engine, "insert into netproxy_hold values (1, 1)")
+        other, held = connect(), connect()
+        pg_proxy.hold_replies(b"netproxy_hold")
+        waiting = in_thread(
+            lambda: held.execute(
+                "update netproxy_hold set v = 2 where id = 1 returning v"
+            ).fetchone()
+        )
+        wait_for(lambda: pg_proxy.held_flows, what="the flow held")
+        assert not waiting.done.wait(SILENCE), "the held reply arrived"
+        wait_for(
+            lambda: execute(engine, "select v from netproxy_hold")[0]["v"] == 2,
+            what="the update committed on the server",
+        )
+        assert select_one(other) == 1  # another flow is not held
+        pg_proxy.freeze()
+        stalled = in_thread(lambda: select_one(other))
+        (number,) = pg_proxy.held_flows
+        pg_proxy.release(number)
+        assert waiting.wait() == (2,)
+        after = in_thread(lambda: select_one(held))
+        assert not after.done.wait(SILENCE), "a released flow let the next statement pass"
+        pg_proxy.thaw(number)
+        assert after.wait() == 1
+        assert not stalled.done.wait(SILENCE), "thawing one flow thawed another"
+        pg_proxy.thaw()
+        assert stalled.wait() == 1
+    finally:
+        execute(engine, "drop table if exists netproxy_hold")
+
+
 def test_partition_holds_old_and_new_connections_until_heal(
     pg_proxy: PgProxy, connect: Callable[[], psycopg.Connection[Any]], engine: Engine
 ) -> None:
