@@ -176,7 +176,9 @@ class Fetcher:
     def pause(self) -> None:
         """Stop fetching and starting (a fence); the jobs queued locally are given up.
 
-        They stay locked under our id, unknown: :meth:`resume` reclaims them.
+        They stay locked under our id, unknown: :meth:`resume` reclaims them (a peer may
+        have recovered them meanwhile: they must not start here unchecked). So are the
+        jobs of a fetch, or a keyed check, that ends while paused.
         """
         self.paused = True
         self.local.clear()
@@ -217,10 +219,7 @@ class Fetcher:
 
     def take(self, jobs: list[Job], *, idle: bool) -> None:
         """Start (or queue locally) jobs just fetched."""
-        if self.paused:
-            # Fenced while the fetch was out: given up like the local queue (still locked
-            # under our id, unknown), so :meth:`resume` reclaims them; a peer may recover
-            # them meanwhile, and then they must not start here.
+        if self.paused:  # fenced while the fetch was out: given up as by pause()
             return
         self.ttl_expired = False
         now = time.monotonic()
@@ -293,11 +292,9 @@ class Fetcher:
                             job.task_identifier,
                             job.key,
                         )
-                    elif self.paused:
-                        pass  # given up like the local queue: reclaimed on resume
-                    elif self.stop.is_set():
+                    elif self.stop.is_set() and not self.paused:
                         self.local.appendleft((job, fetched))  # returned with the others
-                    else:
+                    elif not self.paused:  # fenced meanwhile: given up as by pause()
                         self.executor.start(job, fetched)
                 self.on_slot_free()
         finally:
