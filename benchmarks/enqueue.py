@@ -13,7 +13,9 @@ Measures, each implementation on its own freshly migrated worker schema, after a
    and the bare ``select * from add_job(...)`` through psycopg, for our overhead.
 3. ``add_job`` inside an already open transaction: microseconds per job.
 4. The asyncio twin of 2 (``AsyncWorkerUtils`` on psycopg async), beside the bare SQL
-   through ``psycopg.AsyncConnection`` with a commit each (the same round trips).
+   through ``psycopg.AsyncConnection`` with a commit each (the same round trips), and the
+   caller's own ``AsyncSession`` transaction with no job in it (``select 1``): what that
+   transaction alone costs bounds any library call made inside it.
 
 The work of a round is cut into slices that the implementations take in turn (rotating
 who goes first), so a machine busy with something else slows them all alike; each figure
@@ -445,6 +447,22 @@ def ours_add_job_async(ctx: Context) -> Side:
     return Side("ours_async_session", open_)
 
 
+def empty_session_async(ctx: Context) -> Side:
+    """The caller's transaction alone: ``AsyncSession``, ``select 1``, commit, close."""
+
+    def open_(schema: str) -> tuple[Run, Callable[[], None]]:
+        async def go(start: int, count: int) -> float:
+            started = time.perf_counter()
+            for _ in range(start, start + count):
+                async with AsyncSession(ctx.async_engine) as session, session.begin():
+                    await session.execute(text("select 1"))
+            return time.perf_counter() - started
+
+        return (lambda start, count: ctx.loop.run_until_complete(go(start, count))), _nothing
+
+    return Side("empty_async_session", open_)
+
+
 def bare_add_job_async(ctx: Context) -> Side:
     def open_(schema: str) -> tuple[Run, Callable[[], None]]:
         sql = ADD_JOB_SQL.format(schema=quote_schema(schema))
@@ -703,7 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         s = measure(
             ctx,
             "add_job_async",
-            [*with_node("add_job"), ours_add_job_async(ctx), bare_add_job_async(ctx)],
+            [
+                *with_node("add_job"),
+                ours_add_job_async(ctx),
+                bare_add_job_async(ctx),
+                empty_session_async(ctx),
+            ],
             plan,
         )
         entry = {"count": n, "sides": sides_json(s, n)}
@@ -738,6 +761,24 @@ def main(argv: list[str] | None = None) -> int:
         if bare_ratio is not None:
             entry["bare_sql_ratio_to_node"] = bare_ratio
             line += f"; the bare call itself is {bare_ratio:.2f}x Node's addJob (what bounds ours)"
+        empty = s["empty_async_session"]
+        line += (
+            f"\n    the caller's AsyncSession transaction with no job (select 1, commit, close) "
+            f"{empty.rate(n):,.0f} transactions/s"
+        )
+        if "node" in s:
+            empty_ratio = empty.rate(n) / s["node"].rate(n)
+            entry["empty_session_ratio_to_node"] = empty_ratio
+            line += f": {empty_ratio:.2f}x Node's addJob; an add_job inside it can only be slower"
+            table.append(
+                (
+                    "AsyncSession txn, no job",
+                    jobs_per_s(s["node"].rate(n)),
+                    f"{empty.rate(n):,.0f} txn/s",
+                    f"{empty_ratio:.2f}x",
+                    "(bound)",
+                )
+            )
         results["add_job_async"] = entry
         print(line, flush=True)
     finally:
