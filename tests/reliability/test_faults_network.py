@@ -423,6 +423,16 @@ async def test_partition_longer_than_the_threshold_fences_both_workers(
     assert self_sweeps(recoveries) == []
 
 
+#: Heartbeats far apart next to the lease (3 s), so one held up answers well inside it.
+SPARSE_HEARTBEATS = WorkerRecoveryConfig(
+    enabled=True,
+    heartbeat_interval=timedelta(seconds=1),
+    sweep_interval=timedelta(seconds=1),
+    sweep_threshold=timedelta(seconds=4),
+    recovery_delay=timedelta(seconds=0.5),
+)
+
+
 async def test_a_fetch_answered_while_fenced_leaves_no_job_stranded(
     engine: Engine, schema: str, utils: WorkerUtils, pg_proxy: PgProxy
 ) -> None:
@@ -446,7 +456,7 @@ async def test_a_fetch_answered_while_fenced_leaves_no_job_stranded(
         concurrency=1,  # with the job in hand, no fetch follows until it ends
         poll_interval=POLL_INTERVAL,
         shutdown_grace_period=GRACE,
-        recovery=RECOVERY,
+        recovery=SPARSE_HEARTBEATS,  # a loaded machine does not fence it by itself
         hooks=hooks,
     )
     async with running(worker):
@@ -471,16 +481,6 @@ async def test_a_fetch_answered_while_fenced_leaves_no_job_stranded(
     assert locked_by(engine, schema, worker.worker_id) == []
 
 
-#: Heartbeats far apart next to the lease (3 s), so one held up answers well inside it.
-SPARSE_HEARTBEATS = WorkerRecoveryConfig(
-    enabled=True,
-    heartbeat_interval=timedelta(seconds=1),
-    sweep_interval=timedelta(seconds=1),
-    sweep_threshold=timedelta(seconds=4),
-    recovery_delay=timedelta(seconds=0.5),
-)
-
-
 @pytest.mark.parametrize("answered", ["inside its lease", "after its lease"])
 async def test_a_heartbeat_answered_late_does_not_lift_the_fence(
     schema: str, pg_proxy: PgProxy, answered: str
@@ -503,7 +503,9 @@ async def test_a_heartbeat_answered_late_does_not_lift_the_fence(
         recovery=SPARSE_HEARTBEATS,
         hooks=hooks,
     )
-    lease = (SPARSE_HEARTBEATS.sweep_threshold - SPARSE_HEARTBEATS.heartbeat_interval).seconds
+    lease = (
+        SPARSE_HEARTBEATS.sweep_threshold - SPARSE_HEARTBEATS.heartbeat_interval
+    ).total_seconds()
     async with running(worker):
         pg_proxy.hold_replies(b"_sqla_graphile_workers")  # the registry: a heartbeat
         await await_for(lambda: pg_proxy.held_flows, WAIT, what="a heartbeat's reply held")
