@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from dataclasses import dataclass
@@ -156,6 +157,30 @@ async def test_lost_lock_writes_nothing_and_fires_the_hook(
     (row,) = rows(engine, schema)  # neither deleted nor failed
     assert row["last_error"] is None and row["attempts"] == 1
     assert row["locked_by"] == (None if theft == "cleared" else "someone_else")
+
+
+async def test_a_context_variable_set_by_one_job_is_not_seen_by_the_next(
+    engine: Engine, schema: str, utils: WorkerUtils
+) -> None:
+    """Each ``async def`` handler runs in a context of its own.
+
+    Jobs run one after another (concurrency 1), each started as the one before ends;
+    what a handler sets in a ``ContextVar`` stays with its job.
+    """
+    seen: contextvars.ContextVar[int | None] = contextvars.ContextVar("seen", default=None)
+
+    @task("context_leak")
+    async def context_leak(payload: Any, ctx: WorkerContext) -> None:
+        done.append((payload["n"], seen.get()))
+        seen.set(payload["n"])
+
+    utils.add_raw_jobs([RawJobSpec("context_leak", {"n": n}) for n in range(5)])
+    worker = Worker(
+        engine, [context_leak], schema=schema, concurrency=1, local_queue_size=5, poll_interval=60.0
+    )
+    async with running(worker):
+        await await_for(lambda: len(done) == 5, what="every job run")
+    assert sorted(done) == [(n, None) for n in range(5)]
 
 
 async def test_unstarted_local_queue_jobs_are_returned_on_shutdown(
