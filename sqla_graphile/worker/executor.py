@@ -143,9 +143,10 @@ class Executor:
         self.on_overtime: Callable[[Running], None] | None = None
         """Called with a job failed at its time limit whose handler runs on (the watchdog)."""
         self._ended_event = asyncio.Event()
-        # Each async handler's task starts from a copy of this (created in it), not of
-        # the context of whatever started it (often the task of the job that just ended).
+        # Each job's first task starts from a copy of this, not of the context of
+        # whatever started it (often the task of the job that just ended).
         self._context_base = contextvars.copy_context()
+        self._starting = False
 
     # -- capacity -----------------------------------------------------------------------
 
@@ -180,10 +181,15 @@ class Executor:
         """Start ``job`` (fetched at ``fetched``): its handler, behind any interceptors."""
         record = Running(job, time.monotonic(), fetched)
         self.running[job.id] = record
-        if self.intercepted:
-            record.task = asyncio.create_task(self._run_intercepted(record))
-        else:
-            self._launch(record, job.payload, self._handler_returned, takeable=True)
+        context = self._context_base.copy()
+        self._starting = True  # an eager task factory may end the job within this call
+        try:
+            if self.intercepted:
+                record.task = context.run(asyncio.create_task, self._run_intercepted(record))
+            else:
+                self._launch(record, job.payload, self._handler_returned, context)
+        finally:
+            self._starting = False
 
     def _context(self, record: Running, limit: float | None) -> WorkerContext:
         cancellation = self.cancellation
@@ -198,8 +204,14 @@ class Executor:
             record.job, self.worker_id, None, self.utils, cancellation, self.async_utils
         )
 
-    def _launch(self, record: Running, payload: Any, done: Done, *, takeable: bool) -> None:
-        """Start the handler; ``done(record, result, error)`` is called once it ends."""
+    def _launch(
+        self, record: Running, payload: Any, done: Done, context: contextvars.Context | None
+    ) -> None:
+        """Start the handler; ``done(record, result, error)`` is called once it ends.
+
+        ``context``: where an ``async def`` handler's task starts (``None``: the current
+        one, an interceptor's); a ``def`` handler's call can be taken back only then.
+        """
         record.done = done
         record.in_handler = True
         entry = self.tasks.get(record.job.task_identifier)
@@ -215,7 +227,7 @@ class Executor:
                 self._run_in_thread,
                 (record, entry, payload, ctx),
                 functools.partial(self._handler_ended, record),
-                takeable=takeable,
+                takeable=context is not None,
             )
             return
         if self.hooks.job_run_context_hooks:
@@ -229,9 +241,11 @@ class Executor:
                 self.loop.call_soon(self._handler_ended, record, None, exc)
                 return
         record.ends_itself = True
-        record.handler = self._context_base.run(
-            self.loop.create_task, self._run_handler(record, coroutine)
-        )
+        handler = self._run_handler(record, coroutine)
+        if context is None:
+            record.handler = self.loop.create_task(handler)
+        else:
+            record.handler = context.run(self.loop.create_task, handler)
         if limit is not None:
             record.timer = self.loop.call_later(limit, self._time_out, record)
 
@@ -382,7 +396,7 @@ class Executor:
                 if not ended.done():
                     ended.set_result((result, error))
 
-            self._launch(record, payload, handler_ended, takeable=False)
+            self._launch(record, payload, handler_ended, None)
             result, error = await asyncio.shield(ended)
             outcome = self._outcome(record, payload, result, error)
         if self.hooks.after_job_run_hooks:
@@ -453,7 +467,12 @@ class Executor:
         else:
             outcome.duration = time.monotonic() - record.started
             self.writer.fail(outcome)
-        self.on_slot_free()
+        if self._starting:
+            # Ended within start() (an eager task factory): its caller is filling slots,
+            # so this slot is announced on the next turn of the loop, not re-entered.
+            self.loop.call_soon(self.on_slot_free)
+        else:
+            self.on_slot_free()
 
     # -- taking back, cancelling, abandoning --------------------------------------------
 

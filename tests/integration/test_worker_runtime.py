@@ -159,28 +159,44 @@ async def test_lost_lock_writes_nothing_and_fires_the_hook(
     assert row["locked_by"] == (None if theft == "cleared" else "someone_else")
 
 
+@pytest.mark.parametrize("intercepted", [False, True], ids=["plain", "intercepted"])
 async def test_a_context_variable_set_by_one_job_is_not_seen_by_the_next(
-    engine: Engine, schema: str, utils: WorkerUtils
+    engine: Engine, schema: str, utils: WorkerUtils, intercepted: bool
 ) -> None:
-    """Each ``async def`` handler runs in a context of its own.
+    """Each job runs in a context of its own; its handler sees what its interceptor set.
 
     Jobs run one after another (concurrency 1), each started as the one before ends;
-    what a handler sets in a ``ContextVar`` stays with its job.
+    what a handler (or a ``before_job_run`` interceptor) sets in a ``ContextVar`` stays
+    with its job.
     """
     seen: contextvars.ContextVar[int | None] = contextvars.ContextVar("seen", default=None)
+    marked: contextvars.ContextVar[int | None] = contextvars.ContextVar("marked", default=None)
+    hooks = Hooks()
+    if intercepted:
+
+        @hooks.before_job_run
+        def mark(ctx: Any) -> None:
+            assert marked.get() is None, "an interceptor saw the job before's mark"
+            marked.set(ctx.job.payload["n"])
 
     @task("context_leak")
     async def context_leak(payload: Any, ctx: WorkerContext) -> None:
-        done.append((payload["n"], seen.get()))
+        done.append((payload["n"], seen.get(), marked.get()))
         seen.set(payload["n"])
 
     utils.add_raw_jobs([RawJobSpec("context_leak", {"n": n}) for n in range(5)])
     worker = Worker(
-        engine, [context_leak], schema=schema, concurrency=1, local_queue_size=5, poll_interval=60.0
+        engine,
+        [context_leak],
+        schema=schema,
+        concurrency=1,
+        local_queue_size=5,
+        poll_interval=60.0,
+        hooks=hooks,
     )
     async with running(worker):
         await await_for(lambda: len(done) == 5, what="every job run")
-    assert sorted(done) == [(n, None) for n in range(5)]
+    assert sorted(done) == [(n, None, n if intercepted else None) for n in range(5)]
 
 
 async def test_unstarted_local_queue_jobs_are_returned_on_shutdown(
