@@ -58,7 +58,6 @@ logger = logging.getLogger("sqla_graphile.worker")
 
 # With only ``def`` handlers, jobs handed to the threads at once, per unit of concurrency.
 _AHEAD = 4
-# Characters of traceback kept in last_error after the message.
 # How often a thread waiting on an awaitable its handler returned checks the worker.
 _THREAD_WAIT_CHECK = 1.0
 
@@ -209,8 +208,9 @@ class Executor:
     ) -> None:
         """Start the handler; ``done(record, result, error)`` is called once it ends.
 
-        ``context``: where an ``async def`` handler's task starts (``None``: the current
-        one, an interceptor's); a ``def`` handler's call can be taken back only then.
+        ``context``: where an ``async def`` handler's task starts; ``None`` behind
+        interceptors, whose task's context it inherits. Only with a ``context`` may a
+        ``def`` handler's call, not started yet, be taken back.
         """
         record.done = done
         record.in_handler = True

@@ -18,6 +18,7 @@ __all__ = [
     "message_of",
 ]
 
+# Characters of traceback kept in last_error after the message.
 _TRACEBACK_CHARS = 1500
 
 
