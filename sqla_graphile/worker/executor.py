@@ -291,7 +291,9 @@ class Executor:
         cancellation is the handler's (a time limit, a shutdown, a fence): an outcome.
         """
         try:
-            result = await _guarded(coroutine)
+            result = await coroutine
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._handler_ended(record, None, HandlerExit.of(exc))
         except BaseException as exc:  # CancelledError included, as above
             self._handler_ended(record, None, exc)
         else:
@@ -561,7 +563,7 @@ async def _guarded(awaitable: Any) -> Any:
     try:
         return await awaitable
     except (KeyboardInterrupt, SystemExit) as exc:
-        raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
+        raise HandlerExit.of(exc) from exc
 
 
 async def _scoped(

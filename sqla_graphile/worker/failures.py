@@ -41,6 +41,13 @@ class BatchItemsFailed(Exception):
 class HandlerExit(RuntimeError):
     """A handler raised ``KeyboardInterrupt`` or ``SystemExit``: its job fails, nothing else."""
 
+    @classmethod
+    def of(cls, exc: BaseException) -> HandlerExit:
+        """The failure standing for ``exc`` (its cause)."""
+        error = cls(f"the handler raised {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
 
 def _own_files() -> tuple[str, ...]:
     return (os.path.dirname(__file__), os.path.dirname(asyncio.__file__))
