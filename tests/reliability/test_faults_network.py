@@ -76,6 +76,18 @@ def complete_mark(schema: str) -> bytes:
     return f"DELETE FROM {schema}._private_jobs".encode()
 
 
+def proxied_worker(url: str, handler: Any, schema: str, **options: Any) -> Worker:
+    """A worker of one task on ``url``, with the timings these scenarios assume."""
+    return Worker(
+        url,
+        [handler],
+        schema=schema,
+        poll_interval=POLL_INTERVAL,
+        shutdown_grace_period=GRACE,
+        **options,
+    )
+
+
 def recording_task(identifier: str, runs: list[int]) -> FunctionTask[Any]:
     @task(identifier)
     async def record(payload: Any, ctx: WorkerContext) -> None:
@@ -122,13 +134,11 @@ async def test_lost_fetch_reply_strands_no_job(
     ]
     expected = sorted(job.id for job in jobs)
     pg_proxy.swallow_replies(fetch_mark(schema))
-    worker = Worker(
+    worker = proxied_worker(
         pg_proxy.url,
-        [recording_task("net_fetch", runs)],
-        schema=schema,
+        recording_task("net_fetch", runs),
+        schema,
         hooks=hooks,
-        poll_interval=POLL_INTERVAL,
-        shutdown_grace_period=GRACE,
     )
     async with running(worker):
         await await_for(lambda: pg_proxy.swallowed == 1, WAIT, what="the fetch reply swallowed")
@@ -155,13 +165,11 @@ async def test_lost_completion_reply_retried_is_not_a_lost_lock(
     hooks.on("job_lock_lost")(lost.append)
     job = utils.add_raw_job("net_complete", {})
     pg_proxy.swallow_replies(complete_mark(schema))
-    worker = Worker(
+    worker = proxied_worker(
         pg_proxy.url,
-        [recording_task("net_complete", runs)],
-        schema=schema,
+        recording_task("net_complete", runs),
+        schema,
         hooks=hooks,
-        poll_interval=POLL_INTERVAL,
-        shutdown_grace_period=GRACE,
     )
     async with running(worker):
         await await_for(lambda: runs, WAIT, what="the job run")
@@ -188,12 +196,10 @@ async def _half_open_scenario(
 ) -> None:
     """An idle worker's links all go silent; a new job still runs; shutdown is bounded."""
     runs: list[int] = []
-    worker = Worker(
+    worker = proxied_worker(
         proxy.url,
-        [recording_task("net_half_open", runs)],
-        schema=schema,
-        poll_interval=POLL_INTERVAL,
-        shutdown_grace_period=GRACE,
+        recording_task("net_half_open", runs),
+        schema,
         **options,
     )
     async with running(worker) as worker_task:
@@ -335,14 +341,12 @@ def overlapping_runs(log: list[dict[str, Any]]) -> list[str]:
 
 
 def recovery_worker(url: str, schema: str, engine: Engine, hooks: Hooks) -> Worker:
-    return Worker(
+    return proxied_worker(
         url,
-        [long_task(engine, schema)],
-        schema=schema,
+        long_task(engine, schema),
+        schema,
         concurrency=1,
         local_queue_size=0,  # a worker locks only the job it runs
-        poll_interval=POLL_INTERVAL,
-        shutdown_grace_period=GRACE,
         recovery=RECOVERY,
         hooks=hooks,
     )
@@ -449,13 +453,11 @@ async def test_a_fetch_answered_while_fenced_leaves_no_job_stranded(
     hooks.on("jobs_fetched")(fetched.append)
     job = utils.add_raw_job("net_fenced_fetch", {})
     pg_proxy.hold_replies(fetch_mark(schema))
-    worker = Worker(
+    worker = proxied_worker(
         pg_proxy.url,
-        [recording_task("net_fenced_fetch", runs)],
-        schema=schema,
+        recording_task("net_fenced_fetch", runs),
+        schema,
         concurrency=1,  # with the job in hand, no fetch follows until it ends
-        poll_interval=POLL_INTERVAL,
-        shutdown_grace_period=GRACE,
         recovery=SPARSE_HEARTBEATS,  # a loaded machine does not fence it by itself
         hooks=hooks,
     )
@@ -494,12 +496,10 @@ async def test_a_heartbeat_answered_late_does_not_lift_the_fence(
     fences: list[WorkerFenceEvent] = []
     hooks = Hooks()
     hooks.on("worker_fence")(fences.append)
-    worker = Worker(
+    worker = proxied_worker(
         pg_proxy.url,
-        [recording_task("net_late_heartbeat", [])],
-        schema=schema,
-        poll_interval=POLL_INTERVAL,
-        shutdown_grace_period=GRACE,
+        recording_task("net_late_heartbeat", []),
+        schema,
         recovery=SPARSE_HEARTBEATS,
         hooks=hooks,
     )
