@@ -498,6 +498,41 @@ def jobs_per_s(value: float) -> str:
     return f"{value:,.0f} jobs/s"
 
 
+def versus_node(
+    sides: dict[str, Side],
+    ours: Side,
+    count: int,
+    entry: dict[str, Any],
+    table: list[tuple[str, str, str, str, str]],
+    *,
+    row: str,
+    node_name: str = "node",
+    ours_name: str = "ours",
+    node_cell: str = "",
+    position: int | None = None,
+) -> str:
+    """Ours against Node's side (target 1.00x): the ratio into ``entry``, a row into
+    ``table`` (at ``position``, else last), and the text for the printed line."""
+    if "node" not in sides:
+        return f"{ours_name} {jobs_per_s(ours.rate(count))}"
+    node_rate, ours_rate = sides["node"].rate(count), ours.rate(count)
+    ratio = ours_rate / node_rate
+    met = ratio >= 1.0
+    entry.update(ratio=ratio, target=1.0, met=met)
+    cells = (
+        row,
+        jobs_per_s(node_rate) + node_cell,
+        jobs_per_s(ours_rate),
+        f"{ratio:.2f}x",
+        f">= 1.00x {verdict(met)}",
+    )
+    table.insert(len(table) if position is None else position, cells)
+    return (
+        f"{node_name} {jobs_per_s(node_rate)}, {ours_name} {jobs_per_s(ours_rate)}, "
+        f"ratio {ratio:.2f}x  [target >= 1.00x: {verdict(met)}]"
+    )
+
+
 def sides_json(sides: dict[str, Side], count: int) -> dict[str, Any]:
     return {
         label: {
@@ -552,25 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         entry: dict[str, Any] = {"count": n, "batch": b, "sides": sides_json(s, n)}
         line = f"add_jobs {n} (batches of {b}): "
-        ours_rate = s["ours"].rate(n)
-        if "node" in s:
-            ratio = ours_rate / s["node"].rate(n)
-            entry.update(ratio=ratio, target=1.0, met=ratio >= 1.0)
-            line += (
-                f"node {jobs_per_s(s['node'].rate(n))}, ours {jobs_per_s(ours_rate)}, "
-                f"ratio {ratio:.2f}x  [target >= 1.00x: {verdict(ratio >= 1.0)}]"
-            )
-            table.append(
-                (
-                    f"add_jobs {n}/{b}",
-                    jobs_per_s(s["node"].rate(n)),
-                    jobs_per_s(ours_rate),
-                    f"{ratio:.2f}x",
-                    f">= 1.00x {verdict(ratio >= 1.0)}",
-                )
-            )
-        else:
-            line += f"ours {jobs_per_s(ours_rate)}"
+        line += versus_node(s, s["ours"], n, entry, table, row=f"add_jobs {n}/{b}")
         bare_overhead = s["ours"].best / s["bare_sql"].best - 1.0
         entry["overhead_vs_bare_sql"] = bare_overhead
         line += (
@@ -611,26 +628,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         line = f"bulk add {n} (batches of {b}), count only: "
-        if "node" in s:
-            ratio = ours_side.rate(n) / s["node"].rate(n)
-            entry.update(ratio=ratio, target=1.0, met=ratio >= 1.0)
-            line += (
-                f"node bare add_jobs SQL {jobs_per_s(s['node'].rate(n))}, ours "
-                f"bulk_add_raw_jobs {jobs_per_s(ours_side.rate(n))}, ratio {ratio:.2f}x  "
-                f"[target >= 1.00x: {verdict(ratio >= 1.0)}]"
-            )
-            table.insert(
-                len(table) - len(s),
-                (
-                    f"bulk add {n}/{b}, count only",
-                    jobs_per_s(s["node"].rate(n)) + " (bare SQL)",
-                    jobs_per_s(ours_side.rate(n)),
-                    f"{ratio:.2f}x",
-                    f">= 1.00x {verdict(ratio >= 1.0)}",
-                ),
-            )
-        else:
-            line += f"ours bulk_add_raw_jobs {jobs_per_s(ours_side.rate(n))}"
+        line += versus_node(
+            s,
+            ours_side,
+            n,
+            entry,
+            table,
+            row=f"bulk add {n}/{b}, count only",
+            node_name="node bare add_jobs SQL",
+            ours_name="ours bulk_add_raw_jobs",
+            node_cell=" (bare SQL)",
+            position=len(table) - len(s),
+        )
         results["bulk_add"] = entry
         print(line + cpu_line, flush=True)
 
@@ -654,24 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         entry.update(overhead_vs_bare_sql=overhead, overhead_target=0.10)
         entry["overhead_met"] = overhead < 0.10
         line = f"add_job x{n}, one commit each: "
-        if "node" in s:
-            ratio = ours.rate(n) / s["node"].rate(n)
-            entry.update(ratio=ratio, target=1.0, met=ratio >= 1.0)
-            line += (
-                f"node {jobs_per_s(s['node'].rate(n))}, ours (Session) {jobs_per_s(ours.rate(n))}"
-                f", ratio {ratio:.2f}x  [target >= 1.00x: {verdict(ratio >= 1.0)}]"
-            )
-            table.append(
-                (
-                    f"add_job x{n} (Session)",
-                    jobs_per_s(s["node"].rate(n)),
-                    jobs_per_s(ours.rate(n)),
-                    f"{ratio:.2f}x",
-                    f">= 1.00x {verdict(ratio >= 1.0)}",
-                )
-            )
-        else:
-            line += f"ours (Session) {jobs_per_s(ours.rate(n))}"
+        line += versus_node(
+            s, ours, n, entry, table, row=f"add_job x{n} (Session)", ours_name="ours (Session)"
+        )
         added = ours.per_job_us(n) - bare.per_job_us(n)
         line += (
             f"\n    bare SQL (psycopg, one commit each) {jobs_per_s(bare.rate(n))}: "
@@ -739,25 +733,15 @@ def main(argv: list[str] | None = None) -> int:
         overhead = ours.best / bare.best - 1.0
         entry["overhead_vs_bare_sql"] = overhead
         line = f"add_job x{n} async, one commit each: "
-        if "node" in s:
-            ratio = ours.rate(n) / s["node"].rate(n)
-            entry.update(ratio=ratio, target=1.0, met=ratio >= 1.0)
-            line += (
-                f"node {jobs_per_s(s['node'].rate(n))}, ours (AsyncSession) "
-                f"{jobs_per_s(ours.rate(n))}, ratio {ratio:.2f}x  "
-                f"[target >= 1.00x: {verdict(ratio >= 1.0)}]"
-            )
-            table.append(
-                (
-                    f"add_job x{n} (AsyncSession)",
-                    jobs_per_s(s["node"].rate(n)),
-                    jobs_per_s(ours.rate(n)),
-                    f"{ratio:.2f}x",
-                    f">= 1.00x {verdict(ratio >= 1.0)}",
-                )
-            )
-        else:
-            line += f"ours (AsyncSession) {jobs_per_s(ours.rate(n))}"
+        line += versus_node(
+            s,
+            ours,
+            n,
+            entry,
+            table,
+            row=f"add_job x{n} (AsyncSession)",
+            ours_name="ours (AsyncSession)",
+        )
         bare_ratio = bare.rate(n) / s["node"].rate(n) if "node" in s else None
         line += (
             f"\n    bare SQL (psycopg async, BEGIN + statement + COMMIT) {jobs_per_s(bare.rate(n))}"
