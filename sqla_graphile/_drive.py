@@ -5,9 +5,10 @@ An operation (:data:`Op`) is a generator: it yields ``(statement, parameters)`` 
 :class:`~sqlalchemy.engine.Result`, and returns its value. It never executes anything
 itself, so one operation serves every way of executing:
 
-* :func:`drive` on a sync ``Connection`` (``WorkerUtils``);
-* :func:`drive_async` on an ``AsyncConnection`` (``AsyncWorkerUtils``, the worker's
-  recovery agent);
+* :func:`drive` on a sync ``Connection`` (``WorkerUtils``, and ``AsyncWorkerUtils``
+  inside one ``run_sync`` hop per call);
+* :func:`drive_async` on an ``AsyncConnection`` (the worker's recovery agent, the
+  dashboard);
 * the worker's held psycopg connections (``Database.drive`` in
   :mod:`sqla_graphile.worker.connection`), which run the statements compiled once and
   hand the rows back through :func:`~sqla_graphile._sqlalchemy.result_of_rows`.
